@@ -1,0 +1,1 @@
+"""kdistill's service side: HTTP API, persistence, settings and the command line."""

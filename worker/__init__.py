@@ -1,0 +1,1 @@
+"""kdistill workers: the Celery side and the pure-PyTorch distillation engine (`worker.distill`)."""

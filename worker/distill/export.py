@@ -1,0 +1,160 @@
+"""Export the student (ONNX, TorchScript, torch.export), reload each file, and refuse any that disagrees."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import ExportError
+
+FILE_NAMES = {"onnx": "student.onnx", "torchscript": "student.torchscript.pt", "torch_export": "student.pt2"}
+RTOL = 1e-3
+
+
+@dataclass
+class ExportedFile:
+    name: str
+    format: str
+    path: Path
+    size_bytes: int
+    sha256: str
+    max_abs_diff: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "format": self.format, "size_bytes": self.size_bytes, "sha256": self.sha256,
+                "max_abs_diff": self.max_abs_diff}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_student(model: nn.Module, example: torch.Tensor, out_dir: Path, formats: list[str], *,
+                   atol: float = 1e-4, metadata: dict[str, Any] | None = None) -> list[ExportedFile]:
+    """Write each format plus `student.safetensors` and `metadata.json`; every export is reloaded and
+    compared with the eager model on `example` (a real, normalised batch) before it is kept."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.to("cpu").float().eval()
+    example = example.to("cpu").float().contiguous()
+    with torch.inference_mode():
+        reference = model(example)
+    files = []
+    weights = out_dir / "student.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    files.append(_describe(weights, "safetensors", None))
+    for fmt in formats:
+        path = out_dir / FILE_NAMES[fmt]
+        writer, runner = EXPORTERS[fmt]
+        try:
+            writer(model, example, path)
+        except ExportError:
+            raise
+        except Exception as e:  # exporters raise a zoo of types; the job needs one readable error
+            raise ExportError(f"{fmt} export of the student failed: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}", code="export_failed") from None
+        diff = _verify(fmt, runner, path, example, reference, atol)
+        files.append(_describe(path, fmt, diff))
+    if metadata is not None:
+        meta = dict(metadata, files=[f.to_dict() for f in files])
+        (out_dir / "metadata.json").write_text(json.dumps(meta, indent=2, default=_json_default))
+    return files
+
+
+def _describe(path: Path, fmt: str, diff: float | None) -> ExportedFile:
+    return ExportedFile(name=path.name, format=fmt, path=path, size_bytes=path.stat().st_size,
+                        sha256=sha256_file(path), max_abs_diff=diff)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _verify(fmt: str, runner: Callable[[Path, torch.Tensor], torch.Tensor], path: Path,
+            example: torch.Tensor, reference: torch.Tensor, atol: float) -> float:
+    """Reload and run the file on the example batch and on a smaller one (the batch axis is dynamic)."""
+    worst = 0.0
+    for x, ref in ((example, reference), (example[:1], reference[:1])):
+        try:
+            out = runner(path, x)
+        except Exception as e:  # a file we cannot run is as bad as a wrong one
+            raise ExportError(f"the {fmt} file could not be reloaded and run: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}", code="export_failed") from None
+        if out.shape != ref.shape:
+            raise ExportError(f"the {fmt} file outputs shape {list(out.shape)}, the student {list(ref.shape)}")
+        diff = float((out - ref).abs().max())
+        worst = max(worst, diff)
+        if not torch.allclose(out, ref, rtol=RTOL, atol=atol):
+            raise ExportError(f"the {fmt} file disagrees with the trained student (max abs diff {diff:.3g}, "
+                              f"tolerance {atol:g} + {RTOL:g}*|x|); it was not published")
+    return worst
+
+
+def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (example,), dynamo=True, external_data=False,
+                                    input_names=["input"], output_names=["logits"],
+                                    dynamic_shapes=({0: batch},), optimize=True, verbose=False)
+    program.save(str(path), external_data=False)
+
+
+def _run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+
+def _write_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            scripted = torch.jit.script(model)
+        except Exception:  # many torchvision models trace but do not script; tracing is exact for them
+            scripted = torch.jit.trace(model, example, check_trace=False)
+        torch.jit.save(scripted, str(path))
+
+
+def _run_torchscript(path: Path, x: torch.Tensor) -> torch.Tensor:
+    module = torch.jit.load(str(path), map_location="cpu")  # our own file, written a moment ago
+    with torch.inference_mode():
+        return module(x)
+
+
+def _write_torch_export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+
+
+def _run_torch_export(path: Path, x: torch.Tensor) -> torch.Tensor:
+    program = torch.export.load(str(path))
+    with torch.inference_mode():
+        return program.module()(x)
+
+
+EXPORTERS: dict[str, tuple[Callable[..., None], Callable[[Path, torch.Tensor], torch.Tensor]]] = {
+    "onnx": (_write_onnx, _run_onnx),
+    "torchscript": (_write_torchscript, _run_torchscript),
+    "torch_export": (_write_torch_export, _run_torch_export),
+}

@@ -1,0 +1,201 @@
+"""The job spec: what a distillation run needs, validated at the edge (pydantic) with actionable errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+TeacherFormat = Literal["safetensors", "state_dict", "onnx", "torchscript"]
+ExportFormat = Literal["onnx", "torchscript", "torch_export"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    """What a model eats: channels, square-or-not size, and the per-channel normalisation."""
+
+    channels: Annotated[int, Field(ge=1, le=4)] = 3
+    size: tuple[Annotated[int, Field(ge=1, le=4096)], Annotated[int, Field(ge=1, le=4096)]] = (224, 224)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _square(cls, v: Any) -> Any:
+        return (v, v) if isinstance(v, int) else v
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _csv(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                return tuple(float(x) for x in v.split(",") if x.strip())
+            except ValueError as e:
+                raise ValueError(f"expected comma-separated floats, got {v!r}") from e
+        return v
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> InputSpec:
+        for name in ("mean", "std"):
+            vals = getattr(self, name)
+            if vals is not None and len(vals) not in (1, self.channels):
+                raise ValueError(f"{name} has {len(vals)} values; give 1 or one per channel ({self.channels})")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError("std values must be > 0")
+        return self
+
+    def resolved_mean(self) -> tuple[float, ...]:
+        return _per_channel(self.mean, self.channels, IMAGENET_MEAN if self.channels == 3 else (0.5,))
+
+    def resolved_std(self) -> tuple[float, ...]:
+        return _per_channel(self.std, self.channels, IMAGENET_STD if self.channels == 3 else (0.5,))
+
+    def describe(self) -> dict[str, Any]:
+        return {"channels": self.channels, "size": list(self.size),
+                "mean": list(self.resolved_mean()), "std": list(self.resolved_std())}
+
+
+def _per_channel(vals: tuple[float, ...] | None, channels: int, default: tuple[float, ...]) -> tuple[float, ...]:
+    vals = vals if vals is not None else default
+    if len(vals) == channels:
+        return tuple(vals)
+    if len(vals) == 1:
+        return tuple(vals) * channels
+    return (sum(vals) / len(vals),) * channels  # a 3-channel default for a grey model: its average
+
+
+class TeacherSpec(_Strict):
+    path: str
+    format: TeacherFormat | None = None  # None: decided by the file's suffix and content
+    arch: str | None = None  # required for state dicts
+    num_classes: Annotated[int, Field(ge=2)] | None = None
+    input: InputSpec = InputSpec()
+
+
+class StudentSpec(_Strict):
+    arch: str
+    input: InputSpec | None = None  # None: the teacher's input spec
+    weights: str | None = None  # initial weights: safetensors or a .pt state dict
+
+
+class DataSpec(_Strict):
+    path: str
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    augment: bool = False
+    max_files: Annotated[int, Field(ge=1)] = 200_000
+    max_unpacked_bytes: Annotated[int, Field(ge=1)] = 8 << 30
+    max_decoded_bytes: Annotated[int, Field(ge=1)] = 8 << 30
+
+
+class Hyperparameters(_Strict):
+    """Training and distillation settings; the names are part of the public API contract."""
+
+    epochs: Annotated[int, Field(ge=1, le=10_000)] = 10
+    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 128
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    learning_rate: Annotated[float, Field(gt=0, le=10)] = 0.05
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    nesterov: bool = False
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 5e-4
+    scheduler: Literal["cosine", "step", "onecycle", "constant"] = "cosine"
+    warmup_epochs: Annotated[float, Field(ge=0)] = 0.0
+    step_size: Annotated[int, Field(ge=1)] = 30  # epochs between decays of the step schedule
+    gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
+    grad_clip: Annotated[float, Field(gt=0)] | None = None
+    temperature: Annotated[float, Field(gt=0, le=100)] = 4.0
+    alpha: Annotated[float, Field(ge=0, le=1)] = 0.9
+    distillation: Literal["soft", "hard"] = "soft"
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    class_weights: Literal["auto"] | list[Annotated[float, Field(ge=0)]] | None = None
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = False
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: Annotated[int, Field(ge=0, le=64)] = 0
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return v
+
+    @model_validator(mode="after")
+    def _warmup(self) -> Hyperparameters:
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs})")
+        return self
+
+
+class JobSpec(_Strict):
+    """A whole run: teacher, student, data, hyperparameters, exports and where the files go."""
+
+    teacher: TeacherSpec
+    student: StudentSpec
+    data: DataSpec
+    hyperparameters: Hyperparameters = Hyperparameters()
+    export_formats: list[ExportFormat] = ["torchscript", "onnx"]
+    export_atol: Annotated[float, Field(gt=0)] = 1e-4
+    baseline: bool = False
+    output_dir: str = "artifacts"
+    checkpoint_dir: str | None = None  # None: <output_dir>/checkpoints
+    progress_interval: Annotated[float, Field(ge=0)] = 1.0  # seconds between progress reports
+    allow_torchscript_teacher: bool = True
+
+
+def parse_model(model: type[BaseModel], data: Any, *, prefix: str = "") -> Any:
+    """Validate `data` as `model`, turning pydantic's error into a ConfigError naming the field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise config_error_from(e, prefix=prefix) from None
+
+
+def config_error_from(e: ValidationError, *, prefix: str = "") -> ConfigError:
+    first = e.errors()[0]
+    field = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "")
+    code = "invalid_hyperparameter" if field.startswith("hyperparameters") else "invalid_config"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first.get("input") is not None and first["type"] != "missing":
+        msg += f" (got {first['input']!r})"
+    return ConfigError(f"{field or 'spec'}: {msg}", field=field or None, code=code)
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a job spec from YAML or JSON; relative paths inside it are taken from the spec's folder."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read job spec {p}: {e.strerror}", code="spec_not_found") from None
+    try:
+        raw = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p} must hold a mapping at the top level")
+    return resolve_paths(parse_model(JobSpec, raw), p.parent)
+
+
+def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
+    def rel(s: str | None) -> str | None:
+        return None if s is None else str((base / s).resolve()) if not Path(s).is_absolute() else s
+
+    return spec.model_copy(update={
+        "teacher": spec.teacher.model_copy(update={"path": rel(spec.teacher.path)}),
+        "student": spec.student.model_copy(update={"weights": rel(spec.student.weights)}),
+        "data": spec.data.model_copy(update={"path": rel(spec.data.path)}),
+        "output_dir": rel(spec.output_dir),
+        "checkpoint_dir": rel(spec.checkpoint_dir),
+    })

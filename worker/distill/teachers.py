@@ -1,0 +1,257 @@
+"""Teachers: load a checkpoint of any supported format, describe it, and check it behaves like a classifier."""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import StudentError, TeacherError
+from .spec import InputSpec, TeacherSpec
+from .statedict import is_safetensors, is_torchscript, load_state_dict_file
+
+ONNX_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+@dataclass
+class Teacher:
+    """A loaded teacher: `logits(x)` maps a normalised batch on `device` to float logits `[N, num_classes]`."""
+
+    format: str
+    arch: str | None
+    num_classes: int
+    input: InputSpec
+    logits_fn: Callable[[torch.Tensor], torch.Tensor]
+    module: nn.Module | None = None  # torch-native teachers only
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.logits_fn(x).float()
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"format": self.format, "arch": self.arch, "num_classes": self.num_classes,
+                               "input": self.input.describe()}
+        if self.module is not None:
+            out["parameters"] = sum(p.numel() for p in self.module.parameters())
+        return out
+
+
+def detect_format(path: Path) -> str:
+    """Tell the format by content first, suffix second: uploads are often misnamed."""
+    if is_safetensors(path):
+        return "safetensors"
+    if zipfile.is_zipfile(path):
+        return "torchscript" if is_torchscript(path) else "state_dict"
+    if path.suffix.lower() == ".onnx":
+        return "onnx"
+    with path.open("rb") as f:
+        head = f.read(2)
+    if head[:1] == b"\x80":  # a legacy (non-zip) torch.save pickle
+        return "state_dict"
+    return "onnx"  # protobuf has no magic number; onnx.load tells us soon enough
+
+
+def load_teacher(spec: TeacherSpec, *, device: torch.device | str = "cpu", num_classes: int | None = None,
+                 allow_torchscript: bool = True, validate: bool = True) -> Teacher:
+    """Load the teacher safely, put it in eval mode on `device`, and (by default) validate its output."""
+    path = Path(spec.path)
+    if not path.is_file():
+        raise TeacherError(f"teacher file {path} does not exist", code="file_not_found", field="teacher.path")
+    fmt = spec.format or detect_format(path)
+    device = torch.device(device)
+    if fmt in ("safetensors", "state_dict"):
+        teacher = _load_state_dict_teacher(path, spec, device)
+    elif fmt == "torchscript":
+        if not allow_torchscript:
+            raise TeacherError("TorchScript teachers are switched off on this deployment; upload ONNX, "
+                               "safetensors or a state dict instead", code="torchscript_disabled")
+        teacher = _load_torchscript_teacher(path, spec, device)
+    else:
+        teacher = _load_onnx_teacher(path, spec, device)
+    if validate:
+        validate_teacher(teacher, device=device, num_classes=num_classes or spec.num_classes)
+    return teacher
+
+
+def _load_state_dict_teacher(path: Path, spec: TeacherSpec, device: torch.device) -> Teacher:
+    from .students import create_model  # the registry builds teachers and students alike
+
+    if not spec.arch:
+        raise TeacherError("a state-dict teacher needs its architecture name ('arch'), e.g. resnet34",
+                           code="missing_arch", field="teacher.arch")
+    state = load_state_dict_file(path, what="teacher")
+    num_classes = spec.num_classes or _infer_num_classes(state)
+    if num_classes is None:
+        raise TeacherError("cannot tell the teacher's class count from its weights; give 'num_classes'",
+                           code="missing_num_classes", field="teacher.num_classes")
+    try:
+        model = create_model(spec.arch, num_classes=num_classes, in_channels=spec.input.channels)
+    except StudentError as e:
+        raise TeacherError(e.message.replace("student", "teacher"), code=e.code, field="teacher.arch") from None
+    result = model.load_state_dict(state, strict=False)
+    shape_errors = [k for k, v in state.items()
+                    if k in model.state_dict() and model.state_dict()[k].shape != v.shape]
+    if result.missing_keys or result.unexpected_keys or shape_errors:
+        raise TeacherError(
+            f"the weights do not fit architecture {spec.arch!r} with {num_classes} classes and "
+            f"{spec.input.channels} input channels: " + _describe_mismatch(result, shape_errors),
+            code="teacher_weights_mismatch")
+    model.to(device).eval()
+    return Teacher("safetensors" if is_safetensors(path) else "state_dict", spec.arch, num_classes,
+                   spec.input, model, module=model)
+
+
+def _infer_num_classes(state: dict[str, torch.Tensor]) -> int | None:
+    # The last 2-D weight followed by a 1-D bias of the same length is the classifier head.
+    keys = list(state)
+    for k in reversed(keys):
+        if k.endswith(".weight") and state[k].ndim == 2:
+            return int(state[k].shape[0])
+    return None
+
+
+def _describe_mismatch(result: Any, shape_errors: list[str]) -> str:
+    parts = []
+    for label, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys),
+                        ("wrong shape", shape_errors)):
+        if keys:
+            parts.append(f"{len(keys)} {label} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})")
+    return "; ".join(parts)
+
+
+def _load_torchscript_teacher(path: Path, spec: TeacherSpec, device: torch.device) -> Teacher:
+    try:
+        module = torch.jit.load(str(path), map_location=device)
+    except (RuntimeError, ValueError) as e:
+        raise TeacherError(f"teacher {path.name} is not a loadable TorchScript archive: "
+                           f"{str(e).splitlines()[0]}", code="unreadable_teacher") from None
+    module.eval()
+    probe = _probe_output(module, spec.input, device)
+    return Teacher("torchscript", None, int(probe.shape[1]), spec.input, module, module=module)
+
+
+def _load_onnx_teacher(path: Path, spec: TeacherSpec, device: torch.device) -> Teacher:
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError and friends from protobuf
+        raise TeacherError(f"teacher {path.name} is not a readable ONNX model, safetensors file or torch "
+                           f"checkpoint ({type(e).__name__})", code="unreadable_teacher") from None
+    # External data would make onnxruntime read files named inside an untrusted model.
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _onnx_tensors(proto)):
+        raise TeacherError(f"teacher {path.name} keeps weights in external data files; export it as one "
+                           "self-contained file (`torch.onnx.export(..., external_data=False)`)",
+                           code="onnx_external_data")
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), providers=providers)
+    except Exception as e:  # onnxruntime's own exception types are not importable in a stable way
+        raise TeacherError(f"onnxruntime cannot run teacher {path.name}: {str(e).splitlines()[0]}",
+                           code="unreadable_teacher") from None
+    inp, out = session.get_inputs()[0], session.get_outputs()[0]
+    np_dtype = ONNX_FLOAT_TYPES.get(inp.type)
+    if np_dtype is None:
+        raise TeacherError(f"teacher {path.name} takes {inp.type} input; kdistill feeds float images",
+                           code="unsupported_teacher_input")
+    _check_onnx_input_shape(inp.shape, spec.input, path.name)
+    fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        arr = x.detach().to("cpu", torch.float32).numpy().astype(np_dtype, copy=False)
+        if fixed_batch is None:
+            chunks = [session.run([out.name], {inp.name: arr})[0]]
+        else:  # a model exported with a fixed batch: run it chunk by chunk, padding the last one
+            chunks = []
+            for i in range(0, len(arr), fixed_batch):
+                part = arr[i:i + fixed_batch]
+                pad = fixed_batch - len(part)
+                if pad:
+                    part = np.concatenate([part, np.zeros((pad, *part.shape[1:]), part.dtype)])
+                chunks.append(session.run([out.name], {inp.name: part})[0][:fixed_batch - pad])
+        return torch.from_numpy(np.concatenate(chunks).astype(np.float32)).to(x.device)
+
+    probe = run(_dummy_batch(spec.input, torch.device("cpu")))
+    if probe.ndim != 2:
+        raise TeacherError(f"teacher {path.name} outputs shape {list(probe.shape)}; a classifier outputs "
+                           "[N, num_classes]", code="teacher_output_shape")
+    return Teacher("onnx", None, int(probe.shape[1]), spec.input, run)
+
+
+def _onnx_tensors(proto: Any) -> list[Any]:
+    tensors = list(proto.graph.initializer)
+    for node in proto.graph.node:
+        tensors.extend(a.t for a in node.attribute if a.HasField("t"))
+    return tensors
+
+
+def _check_onnx_input_shape(shape: list[Any], spec: InputSpec, name: str) -> None:
+    want = [None, spec.channels, *spec.size]
+    if len(shape) != 4:
+        raise TeacherError(f"teacher {name} takes a {len(shape)}-D input; kdistill feeds [N, C, H, W] images",
+                           code="unsupported_teacher_input")
+    for axis, (got, expect) in enumerate(zip(shape, want, strict=True)):
+        if axis and isinstance(got, int) and got > 0 and got != expect:
+            raise TeacherError(
+                f"teacher {name} expects input {shape} but the input spec says channels={spec.channels}, "
+                f"size={list(spec.size)}; set the teacher's input spec to match the model",
+                code="input_spec_mismatch", field="teacher.input")
+
+
+def _dummy_batch(spec: InputSpec, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, spec.channels, *spec.size, generator=g).to(device)
+
+
+def _probe_output(module: Callable[[torch.Tensor], Any], spec: InputSpec, device: torch.device) -> torch.Tensor:
+    try:
+        with torch.inference_mode():
+            out = module(_dummy_batch(spec, device))
+    except Exception as e:  # any failure of an arbitrary model on the declared input
+        raise TeacherError(
+            f"the teacher failed on a dummy batch of shape [2, {spec.channels}, {spec.size[0]}, {spec.size[1]}] "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check its input spec",
+            code="teacher_forward_failed", field="teacher.input") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TeacherError(f"the teacher outputs {shape}; a classifier outputs logits [N, num_classes]",
+                           code="teacher_output_shape")
+    return out
+
+
+def validate_teacher(teacher: Teacher, *, device: torch.device | str = "cpu",
+                     num_classes: int | None = None) -> None:
+    """Run a dummy batch: the output must be finite logits `[2, num_classes]`."""
+    out = _probe_output(teacher.logits, teacher.input, torch.device(device))
+    if out.shape[0] != 2:
+        raise TeacherError(f"the teacher returned {out.shape[0]} rows for a batch of 2",
+                           code="teacher_output_shape")
+    check_finite(out, "a dummy batch")
+    if num_classes is not None and out.shape[1] != num_classes:
+        raise TeacherError(f"the teacher predicts {out.shape[1]} classes but the dataset has {num_classes}; "
+                           "use a teacher trained for this dataset's classes",
+                           code="class_count_mismatch", field="teacher")
+
+
+def check_finite(logits: torch.Tensor, where: str) -> None:
+    """Raise when the teacher's logits hold NaN or infinity: distilling them would poison the student."""
+    if not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).any(dim=1).sum())
+        raise TeacherError(f"the teacher produced NaN or infinite logits on {where} ({bad} of {len(logits)} "
+                           "samples); check the checkpoint and its input spec (mean/std)",
+                           code="teacher_nonfinite_output")
+
+
+def num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
