@@ -98,7 +98,8 @@ def _verify(fmt: str, runner: Callable[[Path, torch.Tensor], torch.Tensor], path
             raise ExportError(f"the {fmt} file could not be reloaded and run: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}", code="export_failed") from None
         if out.shape != ref.shape:
-            raise ExportError(f"the {fmt} file outputs shape {list(out.shape)}, the student {list(ref.shape)}")
+            raise ExportError(f"the {fmt} file outputs shape {list(out.shape)} where the student outputs "
+                              f"{list(ref.shape)}; it was not published")
         diff = float((out - ref).abs().max())
         worst = max(worst, diff)
         if not torch.allclose(out, ref, rtol=RTOL, atol=atol):

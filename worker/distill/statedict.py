@@ -51,11 +51,14 @@ def load_state_dict_file(path: str | Path, *, what: str = "weights") -> dict[str
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e) and "Unsupported class" not in str(e):
+            raise TeacherError(f"{what} file {p.name} is damaged or not a torch checkpoint: "
+                               f"{str(e).splitlines()[0]}", code="unreadable_weights") from None
         raise UnsafeCheckpointError(
             f"{what} file {p.name} holds pickled Python objects (probably a whole nn.Module), "
             f"which kdistill never unpickles. {CONVERT_HINT} (loader said: {str(e).splitlines()[0]})"
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
+    except Exception as e:  # torch.load on a damaged file raises anything from IndexError to RuntimeError
         raise TeacherError(f"{what} file {p.name} is neither safetensors nor a torch state dict: "
                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}",
                            code="unreadable_weights") from None

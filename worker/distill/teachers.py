@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,44 +82,51 @@ def load_teacher(spec: TeacherSpec, *, device: torch.device | str = "cpu", num_c
 def _load_state_dict_teacher(path: Path, spec: TeacherSpec, device: torch.device) -> Teacher:
     from .students import create_model  # the registry builds teachers and students alike
 
+    state = load_state_dict_file(path, what="teacher")  # first: a pickled module is refused as such
     if not spec.arch:
         raise TeacherError("a state-dict teacher needs its architecture name ('arch'), e.g. resnet34",
                            code="missing_arch", field="teacher.arch")
-    state = load_state_dict_file(path, what="teacher")
-    num_classes = spec.num_classes or _infer_num_classes(state)
-    if num_classes is None:
-        raise TeacherError("cannot tell the teacher's class count from its weights; give 'num_classes'",
-                           code="missing_num_classes", field="teacher.num_classes")
-    try:
-        model = create_model(spec.arch, num_classes=num_classes, in_channels=spec.input.channels)
-    except StudentError as e:
-        raise TeacherError(e.message.replace("student", "teacher"), code=e.code, field="teacher.arch") from None
-    result = model.load_state_dict(state, strict=False)
-    shape_errors = [k for k, v in state.items()
-                    if k in model.state_dict() and model.state_dict()[k].shape != v.shape]
-    if result.missing_keys or result.unexpected_keys or shape_errors:
+
+    def build(n: int) -> nn.Module:
+        try:
+            return create_model(spec.arch, num_classes=n, in_channels=spec.input.channels)
+        except StudentError as e:
+            raise TeacherError(e.message.replace("student", "teacher"), code=e.code,
+                               field="teacher.arch") from None
+
+    num_classes = spec.num_classes or _infer_num_classes(state, build)
+    model = build(num_classes)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in expected.items()
+                   if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
         raise TeacherError(
             f"the weights do not fit architecture {spec.arch!r} with {num_classes} classes and "
-            f"{spec.input.channels} input channels: " + _describe_mismatch(result, shape_errors),
-            code="teacher_weights_mismatch")
+            f"{spec.input.channels} input channels: " + _describe_mismatch(missing, unexpected, wrong_shape),
+            code="teacher_weights_mismatch", field="teacher.arch")
+    model.load_state_dict(state)
     model.to(device).eval()
     return Teacher("safetensors" if is_safetensors(path) else "state_dict", spec.arch, num_classes,
                    spec.input, model, module=model)
 
 
-def _infer_num_classes(state: dict[str, torch.Tensor]) -> int | None:
-    # The last 2-D weight followed by a 1-D bias of the same length is the classifier head.
-    keys = list(state)
-    for k in reversed(keys):
-        if k.endswith(".weight") and state[k].ndim == 2:
+def _infer_num_classes(state: dict[str, torch.Tensor], build: Callable[[int], nn.Module]) -> int:
+    """Read the class count off the head: the parameters whose shape follows num_classes."""
+    two, three = build(2).state_dict(), build(3).state_dict()
+    heads = [k for k in two if two[k].shape != three[k].shape]
+    for k in heads:
+        if k in state and state[k].ndim >= 1:
             return int(state[k].shape[0])
-    return None
+    raise TeacherError("cannot tell the teacher's class count from its weights (no classifier head "
+                       f"{heads[:2]} in the file); give 'num_classes'", code="missing_num_classes",
+                       field="teacher.num_classes")
 
 
-def _describe_mismatch(result: Any, shape_errors: list[str]) -> str:
+def _describe_mismatch(missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> str:
     parts = []
-    for label, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys),
-                        ("wrong shape", shape_errors)):
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
         if keys:
             parts.append(f"{len(keys)} {label} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})")
     return "; ".join(parts)
@@ -146,7 +153,7 @@ def _load_onnx_teacher(path: Path, spec: TeacherSpec, device: torch.device) -> T
         raise TeacherError(f"teacher {path.name} is not a readable ONNX model, safetensors file or torch "
                            f"checkpoint ({type(e).__name__})", code="unreadable_teacher") from None
     # External data would make onnxruntime read files named inside an untrusted model.
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _onnx_tensors(proto)):
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _onnx_tensors(proto.graph)):
         raise TeacherError(f"teacher {path.name} keeps weights in external data files; export it as one "
                            "self-contained file (`torch.onnx.export(..., external_data=False)`)",
                            code="onnx_external_data")
@@ -180,18 +187,26 @@ def _load_onnx_teacher(path: Path, spec: TeacherSpec, device: torch.device) -> T
                 chunks.append(session.run([out.name], {inp.name: part})[0][:fixed_batch - pad])
         return torch.from_numpy(np.concatenate(chunks).astype(np.float32)).to(x.device)
 
-    probe = run(_dummy_batch(spec.input, torch.device("cpu")))
-    if probe.ndim != 2:
-        raise TeacherError(f"teacher {path.name} outputs shape {list(probe.shape)}; a classifier outputs "
-                           "[N, num_classes]", code="teacher_output_shape")
+    probe = _probe_output(run, spec.input, torch.device("cpu"))
     return Teacher("onnx", None, int(probe.shape[1]), spec.input, run)
 
 
-def _onnx_tensors(proto: Any) -> list[Any]:
-    tensors = list(proto.graph.initializer)
-    for node in proto.graph.node:
-        tensors.extend(a.t for a in node.attribute if a.HasField("t"))
-    return tensors
+def _onnx_tensors(graph: Any) -> Iterator[Any]:
+    """Every tensor a graph holds, subgraphs (If/Loop/Scan bodies) and sparse initializers included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            if attr.HasField("sparse_tensor"):
+                yield attr.sparse_tensor.values
+                yield attr.sparse_tensor.indices
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _onnx_tensors(sub)
 
 
 def _check_onnx_input_shape(shape: list[Any], spec: InputSpec, name: str) -> None:
