@@ -28,7 +28,7 @@ def build_optimizer(model: nn.Module, hp: Hyperparameters) -> torch.optim.Optimi
 
 def lr_factor(step: int, total_steps: int, steps_per_epoch: int, hp: Hyperparameters) -> float:
     """The multiplier on the base learning rate at `step` (0-based) of `total_steps`."""
-    warmup = int(round(hp.warmup_epochs * steps_per_epoch))
+    warmup = round(hp.warmup_epochs * steps_per_epoch)
     if step < warmup:
         return (step + 1) / warmup
     if hp.scheduler == "constant":

@@ -1,0 +1,77 @@
+"""One JSON error shape everywhere: `{"code", "message", "field"?}` with a stable code."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from worker.distill.errors import DistillError
+
+log = logging.getLogger("kdistill.api")
+
+
+class ApiError(Exception):
+    """Raise from a route to answer `status` with a stable `code`."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.field, self.extra = status, code, message, field, extra
+
+
+def not_found(kind: str, ident: str, field: str | None = None) -> ApiError:
+    return ApiError(404, f"{kind}_not_found", f"no {kind} with id {ident!r} (for this API key)", field)
+
+
+def error_body(code: str, message: str, field: str | None = None, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if field:
+        body["field"] = field
+    body.update(extra)
+    return body
+
+
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+              405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+              415: "unsupported_media_type", 422: "validation_error", 429: "too_many_requests"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(e.code, e.message, e.field, **e.extra), status_code=e.status,
+                            headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
+
+    @app.exception_handler(DistillError)
+    async def _distill_error(_: Request, e: DistillError) -> JSONResponse:
+        status = e.status if 400 <= e.status < 500 else 422
+        return JSONResponse(error_body(e.code, e.message, e.field), status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+        errors = e.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        field = ".".join(loc) or None
+        msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        details = [{"field": ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path",
+                                                                                         "header")),
+                    "message": err.get("msg")} for err in errors]
+        code = "invalid_hyperparameter" if field and field.startswith("hyperparameters") else "validation_error"
+        return JSONResponse(error_body(code, f"{field}: {msg}" if field else msg, field, errors=details),
+                            status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = HTTP_CODES.get(e.status_code, "http_error")
+        return JSONResponse(error_body(code, str(e.detail)), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal_error", "the server failed to answer; the error is logged"),
+                            status_code=500)

@@ -1,0 +1,26 @@
+"""Cursor pagination, newest first: the cursor is the id of the last item seen."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from sqlalchemy import Select, and_, or_, select
+from sqlalchemy.orm import Session
+
+from .errors import ApiError
+
+M = TypeVar("M")
+
+
+def page(session: Session, query: Select[Any], model: Any, *, limit: int, after: str | None) -> tuple[list[Any], str | None]:
+    if after is not None:
+        anchor = session.execute(select(model.created_at, model.id).where(model.id == after)).first()
+        if anchor is None:
+            raise ApiError(422, "invalid_cursor", f"cursor {after!r} names no item; pass a next_cursor "
+                           "returned by a previous page", "after")
+        query = query.where(or_(model.created_at < anchor.created_at,
+                                and_(model.created_at == anchor.created_at, model.id < anchor.id)))
+    rows = list(session.scalars(query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, rows[-1].id if more and rows else None

@@ -1,0 +1,169 @@
+"""/v1/jobs: create (checked now, not later), list, read, events, cancel, artifact downloads."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
+
+from app.jobs import add_event, cancel_queued, job_view, request_hash
+from app.models import Artifact, Dataset, Job, JobEvent, Teacher, new_id, utcnow
+from app.queue import enqueue
+from app.storage import get_store
+from worker.distill.errors import StudentError
+from worker.distill.spec import InputSpec
+from worker.distill.students import check_input_size, model_info
+
+from ..deps import SessionDep, SettingsDep, TenantDep
+from ..errors import ApiError, not_found
+from ..pagination import page
+from ..schemas import TERMINAL, EventOut, JobCreate, JobOut, JobStatus, Page
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+MEDIA_TYPES = {"onnx": "application/onnx", "metadata": "application/json"}
+
+
+def _own_job(session: SessionDep, tenant_id: str, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != tenant_id:
+        raise not_found("job", job_id)
+    return job
+
+
+def _check_request(session: SessionDep, tenant_id: str, body: JobCreate) -> tuple[Teacher, Dataset]:
+    teacher = session.get(Teacher, body.teacher_id)
+    if teacher is None or teacher.tenant_id != tenant_id:
+        raise not_found("teacher", body.teacher_id, "teacher_id")
+    dataset = session.get(Dataset, body.dataset_id)
+    if dataset is None or dataset.tenant_id != tenant_id:
+        raise not_found("dataset", body.dataset_id, "dataset_id")
+    if teacher.num_classes != dataset.num_classes:
+        raise ApiError(422, "class_count_mismatch", f"the teacher predicts {teacher.num_classes} classes but the "
+                       f"dataset has {dataset.num_classes} ({', '.join(dataset.classes[:5])}...)", "dataset_id")
+    try:
+        model_info(body.student.arch)
+        size = body.student.input_size or teacher.input_size[0]
+        check_input_size(body.student.arch, (size, size))
+        if body.student.mean is not None or body.student.std is not None:
+            InputSpec(channels=teacher.input_channels, size=size, mean=body.student.mean, std=body.student.std)
+    except StudentError as e:
+        raise ApiError(422, e.code, e.message, "student.arch" if e.code == "unknown_architecture" else
+                       "student.input_size") from None
+    except ValueError as e:
+        raise ApiError(422, "invalid_input_spec", str(e).splitlines()[-1], "student") from None
+    if body.hyperparameters.class_weights not in (None, "auto") and \
+            len(body.hyperparameters.class_weights) != dataset.num_classes:
+        raise ApiError(422, "invalid_hyperparameter", f"class_weights has {len(body.hyperparameters.class_weights)}"
+                       f" values; the dataset has {dataset.num_classes} classes", "hyperparameters.class_weights")
+    return teacher, dataset
+
+
+@router.post("", status_code=202, response_model=JobOut, summary="Create a distillation job",
+             responses={409: {"description": "Idempotency-Key reused with another body"}})
+async def create_job(
+    body: JobCreate, response: Response, session: SessionDep, settings: SettingsDep, tenant: TenantDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> dict[str, Any]:
+    request = body.model_dump(mode="json")
+    digest = request_hash(request)
+    if idempotency_key:
+        existing = session.scalar(select(Job).where(Job.tenant_id == tenant.id,
+                                                    Job.idempotency_key == idempotency_key))
+        if existing is not None:
+            return _replay(existing, digest)
+    _check_request(session, tenant.id, body)
+    job = Job(id=new_id("job"), tenant_id=tenant.id, teacher_id=body.teacher_id, dataset_id=body.dataset_id,
+              status="queued", queue=body.queue or settings.default_queue, request=request,
+              idempotency_key=idempotency_key, request_hash=digest)
+    session.add(job)
+    add_event(session, job.id, "status", "queued", status="queued")
+    try:
+        session.commit()
+    except IntegrityError:  # a concurrent request with the same Idempotency-Key won the race
+        session.rollback()
+        existing = session.scalar(select(Job).where(Job.tenant_id == tenant.id,
+                                                    Job.idempotency_key == idempotency_key))
+        if existing is None:
+            raise
+        return _replay(existing, digest)
+    if await run_in_threadpool(enqueue, settings, job.id, job.queue):
+        job.enqueued_at = utcnow()
+        session.commit()
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_view(job)
+
+
+def _replay(job: Job, digest: str) -> dict[str, Any]:
+    if job.request_hash != digest:
+        raise ApiError(409, "idempotency_conflict", "this Idempotency-Key was already used with a different "
+                       f"request body (job {job.id}); use a new key for a new job", "Idempotency-Key")
+    return job_view(job)
+
+
+@router.get("", response_model=Page[JobOut], summary="List jobs, newest first")
+def list_jobs(session: SessionDep, tenant: TenantDep, status: JobStatus | None = None,
+              limit: Annotated[int, Query(ge=1, le=200)] = 50, after: str | None = None) -> dict[str, Any]:
+    query = select(Job).where(Job.tenant_id == tenant.id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    items, cursor = page(session, query, Job, limit=limit, after=after)
+    return {"items": [job_view(j) for j in items], "next_cursor": cursor}
+
+
+@router.get("/{job_id}", response_model=JobOut, summary="One job: status, progress, metrics, artifacts")
+def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+    return job_view(_own_job(session, tenant.id, job_id))
+
+
+@router.get("/{job_id}/events", response_model=Page[EventOut], summary="The job's timeline, oldest first")
+def job_events(job_id: str, session: SessionDep, tenant: TenantDep,
+               limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+               after: Annotated[int | None, Query(description="the last event id seen")] = None) -> dict[str, Any]:
+    _own_job(session, tenant.id, job_id)
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    if after is not None:
+        query = query.where(JobEvent.id > after)
+    items = list(session.scalars(query.order_by(JobEvent.id).limit(limit + 1)))
+    more = len(items) > limit
+    items = items[:limit]
+    return {"items": items, "next_cursor": str(items[-1].id) if more else None}
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a job",
+             description="queued: cancelled at once; running: stops at the next training step")
+def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+    job = _own_job(session, tenant.id, job_id)
+    if job.status in TERMINAL:
+        if job.status == "cancelled":
+            return job_view(job)
+        raise ApiError(409, "job_finished", f"job {job_id} already {job.status}; there is nothing to cancel")
+    if not cancel_queued(session, job_id) and not job.cancel_requested:
+        job.cancel_requested = True
+        add_event(session, job_id, "cancel_requested", "cancellation requested; the worker stops at the next step")
+    session.commit()
+    session.refresh(job)
+    return job_view(job)
+
+
+@router.get("/{job_id}/artifacts/{name}", summary="Download one artifact",
+            response_class=StreamingResponse, responses={200: {"content": {"application/octet-stream": {}}}})
+def download_artifact(job_id: str, name: str, request: Request, session: SessionDep, settings: SettingsDep,
+                      tenant: TenantDep) -> Response:
+    _own_job(session, tenant.id, job_id)
+    artifact = session.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
+    if artifact is None:
+        raise not_found("artifact", name)
+    etag = f'"{artifact.sha256}"'
+    headers = {"ETag": etag, "Content-Disposition": f'attachment; filename="{artifact.name}"',
+               "X-Checksum-Sha256": artifact.sha256}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    store = get_store(settings)
+    headers["Content-Length"] = str(store.size(artifact.storage_key))
+    return StreamingResponse(store.open_chunks(artifact.storage_key), headers=headers,
+                             media_type=MEDIA_TYPES.get(artifact.format, "application/octet-stream"))
+

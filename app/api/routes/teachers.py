@@ -1,0 +1,78 @@
+"""POST/GET /v1/teachers: upload a checkpoint, which is inspected in a child process before it is kept."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from pydantic import ValidationError
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from app.models import Teacher, new_id
+from app.storage import get_store
+from worker.distill.spec import InputSpec, TeacherFormat, TeacherSpec, config_error_from
+
+from ..deps import SessionDep, SettingsDep, TenantDep
+from ..errors import ApiError, not_found
+from ..pagination import page
+from ..schemas import Page, TeacherOut
+from ..uploads import check_multipart, inspect_in_child, safe_filename, save_upload
+
+router = APIRouter(prefix="/v1/teachers", tags=["teachers"])
+
+
+@router.post("", status_code=201, response_model=TeacherOut, summary="Upload a teacher checkpoint")
+async def upload_teacher(
+    request: Request, session: SessionDep, settings: SettingsDep, tenant: TenantDep,
+    file: Annotated[UploadFile, File(description="safetensors, .pt state dict, ONNX or TorchScript")],
+    arch: Annotated[str | None, Form(description="architecture name; required for state dicts")] = None,
+    num_classes: Annotated[int | None, Form(ge=2)] = None,
+    format: Annotated[TeacherFormat | None, Form(description="default: detected from the content")] = None,
+    input_channels: Annotated[int, Form(ge=1, le=4)] = 3,
+    input_size: Annotated[int, Form(ge=1, le=4096)] = 224,
+    mean: Annotated[str | None, Form(description="comma-separated floats, one per channel")] = None,
+    std: Annotated[str | None, Form(description="comma-separated floats, one per channel")] = None,
+) -> Teacher:
+    check_multipart(request, settings.max_teacher_bytes)
+    try:
+        spec_input = InputSpec(channels=input_channels, size=input_size, mean=mean, std=std)
+    except ValidationError as e:
+        err = config_error_from(e)
+        raise ApiError(422, "invalid_input_spec", err.message, err.field) from None
+    path, size, digest = await save_upload(file, settings.tmp_dir, settings.max_teacher_bytes)
+    try:
+        spec = TeacherSpec(path=str(path), format=format, arch=arch, num_classes=num_classes, input=spec_input)
+        info = await run_in_threadpool(inspect_in_child, "teacher", {
+            "spec": spec.model_dump(mode="json"), "allow_torchscript": settings.allow_torchscript,
+        }, settings.inspect_timeout)
+        teacher_id = new_id("tch")
+        filename = safe_filename(file.filename, "teacher")
+        key = f"teachers/{teacher_id}/{filename}"
+        await run_in_threadpool(get_store(settings).put_file, key, path)
+    finally:
+        path.unlink(missing_ok=True)
+    described = info["input"]
+    teacher = Teacher(id=teacher_id, tenant_id=tenant.id, filename=filename, format=info["format"],
+                      arch=info.get("arch"), num_classes=info["num_classes"], input_channels=described["channels"],
+                      input_size=described["size"], mean=described["mean"], std=described["std"], sha256=digest,
+                      size_bytes=size, storage_key=key, details={"parameters": info.get("parameters")})
+    session.add(teacher)
+    session.flush()
+    return teacher
+
+
+@router.get("", response_model=Page[TeacherOut], summary="List teachers, newest first")
+def list_teachers(session: SessionDep, tenant: TenantDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
+                  after: str | None = None) -> dict:
+    items, cursor = page(session, select(Teacher).where(Teacher.tenant_id == tenant.id), Teacher,
+                         limit=limit, after=after)
+    return {"items": items, "next_cursor": cursor}
+
+
+@router.get("/{teacher_id}", response_model=TeacherOut, summary="One teacher")
+def get_teacher(teacher_id: str, session: SessionDep, tenant: TenantDep) -> Teacher:
+    teacher = session.get(Teacher, teacher_id)
+    if teacher is None or teacher.tenant_id != tenant.id:
+        raise not_found("teacher", teacher_id)
+    return teacher

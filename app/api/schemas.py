@@ -1,0 +1,153 @@
+"""Request and response bodies of the v1 API (the names are the contract in shared/design.md)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
+
+from worker.distill.spec import ExportFormat, Hyperparameters
+
+T = TypeVar("T")
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    @field_serializer("created_at", "started_at", "finished_at", check_fields=False)
+    def _utc(self, v: datetime | None) -> str | None:
+        return None if v is None else v.isoformat(timespec="milliseconds") + "Z"
+
+
+class TeacherOut(_Out):
+    id: str
+    filename: str
+    format: str
+    arch: str | None
+    num_classes: int
+    input_channels: int
+    input_size: list[int]
+    mean: list[float]
+    std: list[float]
+    sha256: str
+    size_bytes: int
+    created_at: datetime
+
+
+class DatasetOut(_Out):
+    id: str
+    filename: str
+    format: str
+    classes: list[str]
+    num_classes: int
+    num_train: int
+    num_val: int
+    num_unlabeled: int
+    channels: int
+    image_size: list[int]
+    val_source: str
+    sha256: str
+    size_bytes: int
+    created_at: datetime
+
+
+class StudentRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    arch: Annotated[str, Field(min_length=1, max_length=100, examples=["resnet18"])]
+    input_size: Annotated[int, Field(ge=1, le=4096)] | None = Field(
+        None, description="square input size of the student; default: the teacher's")
+    mean: list[float] | None = Field(None, description="normalisation of the student's input; default: teacher's")
+    std: list[float] | None = None
+
+
+class DataOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    augment: bool = False
+
+
+class JobCreate(BaseModel):
+    """POST /v1/jobs body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher_id: str
+    dataset_id: str
+    student: StudentRequest
+    hyperparameters: Hyperparameters = Hyperparameters()
+    export_formats: Annotated[list[ExportFormat], Field(min_length=1)] = ["torchscript", "onnx"]
+    baseline: bool = False
+    data: DataOptions = DataOptions()
+    queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,50}$")] | None = Field(
+        None, description="worker queue, e.g. gpu or cpu; default: the deployment's default queue")
+    max_run_seconds: Annotated[float, Field(gt=0)] | None = None
+
+    @field_validator("export_formats")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
+
+
+class Progress(BaseModel):
+    epoch: int = 0
+    epochs: int = 0
+    step: int = 0
+    total_steps: int = 0
+    fraction: float = 0.0
+    eta_seconds: float | None = None
+    run: str | None = None
+    loss: float | None = None
+    samples_per_s: float | None = None
+
+
+class ErrorOut(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ArtifactOut(_Out):
+    name: str
+    format: str
+    size_bytes: int
+    sha256: str
+    url: str | None = None
+
+
+class JobOut(_Out):
+    id: str
+    status: JobStatus
+    phase: str | None
+    cancel_requested: bool
+    queue: str
+    teacher_id: str
+    dataset_id: str
+    request: dict[str, Any]
+    progress: Progress
+    metrics: dict[str, Any]
+    error: ErrorOut | None
+    artifacts: list[ArtifactOut]
+    attempts: int
+    worker: str | None
+    device: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class EventOut(_Out):
+    id: int
+    kind: str
+    message: str
+    data: dict[str, Any]
+    created_at: datetime
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next_cursor: str | None = Field(None, description="pass as `after` to get the next page")

@@ -1,0 +1,85 @@
+"""Receiving untrusted uploads: streamed to disk in chunks, hashed, bounded, then inspected elsewhere."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from .errors import ApiError
+
+CHUNK = 1 << 20
+STATUS_BY_CODE = {"unsupported_dataset_format": 415, "archive_too_large": 413, "archive_too_many_files": 413,
+                  "dataset_too_large": 413}
+
+
+def check_multipart(request: Request, limit: int) -> None:
+    """Refuse early what is clearly wrong, before the body is read."""
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type",
+                       f"send the file as multipart/form-data (field 'file'), not {ctype or 'no content type'}")
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit + (1 << 20):
+        raise ApiError(413, "file_too_large", f"the upload is {int(length):,} bytes; this server takes at most "
+                       f"{limit:,} bytes (KDISTILL_MAX_*_BYTES)")
+
+
+def safe_filename(name: str | None, default: str) -> str:
+    base = Path(name or default).name
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".")
+    return base[:200] or default
+
+
+async def save_upload(upload: UploadFile, dest_dir: Path, limit: int) -> tuple[Path, int, str]:
+    """Copy the upload to a fresh file under `dest_dir` chunk by chunk; return (path, size, sha256)."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(Path(safe_filename(upload.filename, "upload")).suffixes[-2:])
+    fd, name = tempfile.mkstemp(dir=dest_dir, suffix=suffix)
+    path = Path(name)
+    h, size = hashlib.sha256(), 0
+    try:
+        with open(fd, "wb") as f:
+            while chunk := await upload.read(CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, "file_too_large", f"the upload is larger than this server's limit of "
+                                   f"{limit:,} bytes")
+                h.update(chunk)
+                await run_in_threadpool(f.write, chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    if size == 0:
+        path.unlink(missing_ok=True)
+        raise ApiError(422, "empty_file", "the uploaded file is empty", "file")
+    return path, size, h.hexdigest()
+
+
+def inspect_in_child(kind: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run `python -m worker.inspect` on an upload; a failure is the upload's 4xx, never our 500."""
+    try:
+        proc = subprocess.run([sys.executable, "-m", "worker.inspect", kind, json.dumps(args)],
+                              capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise ApiError(422, f"{kind}_inspection_timeout", f"inspecting the {kind} took longer than {timeout:.0f} s; "
+                       "it is too large or too slow to load") from None
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise ApiError(422, f"unreadable_{kind}", f"the {kind} could not be inspected (the inspector exited "
+                       f"with status {proc.returncode}: {tail[0][:300]})")
+    result = json.loads(lines[-1])
+    if not result.pop("ok", False):
+        code = result.get("code", f"invalid_{kind}")
+        raise ApiError(STATUS_BY_CODE.get(code, 422), code, result.get("message", "invalid upload"),
+                       result.get("field"))
+    return result

@@ -1,0 +1,55 @@
+"""Job records: creation checks, serialisation, events and state changes shared by the API and workers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from .models import Job, JobEvent, utcnow
+
+log = logging.getLogger("kdistill.jobs")
+
+
+def request_hash(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def add_event(session: Session, job_id: str, kind: str, message: str, **data: Any) -> None:
+    session.add(JobEvent(job_id=job_id, kind=kind, message=message, data=data))
+
+
+def set_status(session: Session, job: Job, status: str, message: str, **fields: Any) -> None:
+    job.status = status
+    for k, v in fields.items():
+        setattr(job, k, v)
+    add_event(session, job.id, "status", message, status=status)
+
+
+def cancel_queued(session: Session, job_id: str) -> bool:
+    """Atomically cancel a job that no worker has claimed yet; False when it is no longer queued."""
+    now = utcnow()
+    done = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
+        status="cancelled", cancel_requested=True, finished_at=now, phase=None)).rowcount
+    if done:
+        add_event(session, job_id, "status", "cancelled before it started", status="cancelled")
+    return bool(done)
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    """The job as the API shows it."""
+    progress = dict(job.progress or {})
+    return {
+        "id": job.id, "status": job.status, "phase": job.phase if job.status == "running" else None,
+        "cancel_requested": job.cancel_requested, "queue": job.queue, "teacher_id": job.teacher_id,
+        "dataset_id": job.dataset_id, "request": job.request, "progress": progress, "metrics": job.metrics or {},
+        "error": {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
+        "artifacts": [{"name": a.name, "format": a.format, "size_bytes": a.size_bytes, "sha256": a.sha256,
+                       "url": f"/v1/jobs/{job.id}/artifacts/{a.name}"} for a in job.artifacts],
+        "attempts": job.attempts, "worker": job.worker, "device": job.device, "created_at": job.created_at,
+        "started_at": job.started_at, "finished_at": job.finished_at,
+    }

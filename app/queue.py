@@ -1,0 +1,43 @@
+"""Handing job ids to the broker. The database stays the truth: an id that fails to reach the broker is
+sent again later by `requeue_pending`."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from .models import Job, utcnow
+from .settings import Settings
+
+log = logging.getLogger("kdistill.queue")
+TASK_NAME = "kdistill.run_job"
+
+
+def enqueue(settings: Settings, job_id: str, queue: str) -> bool:
+    """Publish the job id; False (and a log line) when the broker cannot be reached now."""
+    from worker.celery_app import get_celery
+
+    try:
+        get_celery(settings).send_task(TASK_NAME, args=[job_id], queue=queue, retry=True,
+                                       retry_policy={"max_retries": 2, "interval_start": 0.2,
+                                                     "interval_step": 0.5, "interval_max": 1})
+        return True
+    except Exception:  # any broker failure: the job waits in the database for the next sweep
+        log.exception("could not enqueue job %s on queue %s", job_id, queue)
+        return False
+
+
+def requeue_pending(session: Session, settings: Settings, older_than: float = 30.0) -> int:
+    """Send again the queued jobs whose message never reached the broker."""
+    cutoff = utcnow() - timedelta(seconds=older_than)
+    jobs = session.scalars(select(Job).where(Job.status == "queued", Job.enqueued_at.is_(None),
+                                             Job.created_at < cutoff)).all()
+    sent = 0
+    for job in jobs:
+        if enqueue(settings, job.id, job.queue):
+            job.enqueued_at = utcnow()
+            sent += 1
+    return sent

@@ -1,0 +1,68 @@
+"""Settings from the environment (prefix `KDISTILL_`) or a `.env` file, with one-machine defaults."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the API and the workers; see README's "Settings" table."""
+
+    model_config = SettingsConfigDict(env_prefix="KDISTILL_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Path("kdistill-data")
+    database_url: str | None = None  # default: SQLite in data_dir
+    broker_url: str | None = None  # default: Celery's filesystem transport in data_dir
+    auth: Literal["required", "disabled"] = "required"
+    artifact_store: Literal["local"] = "local"
+
+    max_teacher_bytes: int = Field(2 << 30, ge=1)
+    max_dataset_bytes: int = Field(8 << 30, ge=1)
+    max_dataset_files: int = Field(500_000, ge=1)
+    max_unpacked_bytes: int = Field(32 << 30, ge=1)
+    max_decoded_bytes: int = Field(16 << 30, ge=1)
+    allow_torchscript: bool = True
+    inspect_timeout: float = Field(300.0, gt=0)
+
+    default_queue: str = "gpu"
+    job_max_seconds: float = Field(48 * 3600.0, gt=0)
+    job_max_attempts: int = Field(3, ge=1)
+    progress_interval: float = Field(1.0, ge=0)
+    heartbeat_interval: float = Field(5.0, gt=0)
+    stale_after: float = Field(60.0, gt=0)  # a running job silent this long is taken over by another worker
+    cancel_grace: float = Field(15.0, ge=0)
+    visibility_timeout: int = Field(3 * 24 * 3600, gt=0)  # longer than the longest job (Redis broker)
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'kdistill.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "store"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

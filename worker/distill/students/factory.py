@@ -1,0 +1,50 @@
+"""Building a student by name: `create_model`, in the spirit of timm's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torchvision
+from torch import nn
+
+from ..errors import StudentError
+from .catalog import resolve_arch
+from .cifar import SMALL_MODELS
+from .stem import replace_first_conv
+from .weights import load_student_weights
+
+# Aux heads make train-mode forward return a namedtuple; students must always return plain logits.
+# init_weights=True is the builders' intended init and silences their FutureWarning about the default.
+_EXTRA_KWARGS: dict[str, dict[str, Any]] = {
+    "googlenet": {"aux_logits": False, "init_weights": True, "transform_input": False},
+    "inception_v3": {"aux_logits": False, "init_weights": True, "transform_input": False},
+}
+
+
+def create_model(arch: str, *, num_classes: int, in_channels: int = 3,
+                 weights: str | Path | None = None) -> nn.Module:
+    """A randomly initialised `arch` for `num_classes` outputs on `in_channels` inputs, optionally loaded
+    from a weights file (safetensors or a torch state dict) with strict key and shape checks."""
+    name = resolve_arch(arch)
+    _check_args(num_classes, in_channels)
+    if name in SMALL_MODELS:
+        model = SMALL_MODELS[name](num_classes=num_classes, in_channels=in_channels)
+    else:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes,
+                                             **_EXTRA_KWARGS.get(name, {}))
+        if in_channels != 3:
+            replace_first_conv(model, in_channels)
+    if weights is not None:
+        load_student_weights(model, weights, arch=name)
+    return model
+
+
+def _check_args(num_classes: int, in_channels: int) -> None:
+    # bool is an int subclass; True classes or channels is always a caller bug.
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise StudentError(f"a student needs at least 2 classes, got num_classes={num_classes!r}",
+                           code="invalid_student")
+    if not isinstance(in_channels, int) or isinstance(in_channels, bool) or not 1 <= in_channels <= 4:
+        raise StudentError(f"student input channels must be 1 to 4, got {in_channels!r}",
+                           code="invalid_student", field="student.input.channels")

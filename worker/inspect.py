@@ -1,0 +1,59 @@
+"""`python -m worker.inspect teacher|dataset JSON`: inspect an untrusted upload in a throwaway process.
+
+The API never opens uploads itself: a checkpoint or an image decoder can misbehave, and TorchScript can
+run code. This process prints one JSON line, `{"ok": true, ...}` or `{"ok": false, "code", "message"}`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+
+def inspect_teacher(args: dict[str, Any]) -> dict[str, Any]:
+    from worker.distill.spec import TeacherSpec, parse_model
+    from worker.distill.teachers import load_teacher
+
+    spec = parse_model(TeacherSpec, args["spec"], prefix="teacher")
+    teacher = load_teacher(spec, device="cpu", allow_torchscript=args.get("allow_torchscript", True))
+    return teacher.describe()
+
+
+def inspect_dataset(args: dict[str, Any]) -> dict[str, Any]:
+    from worker.distill.data import inspect_dataset as inspect
+    from worker.distill.spec import DataSpec, parse_model
+
+    spec = parse_model(DataSpec, {"path": args["path"], **args.get("limits", {})}, prefix="data")
+    with tempfile.TemporaryDirectory(dir=args.get("workdir")) as work:
+        return inspect(args["path"], spec, workdir=Path(work)).to_dict()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = argv if argv is not None else sys.argv[1:]
+    out = sys.stdout
+    sys.stdout = sys.stderr
+    warnings.simplefilter("ignore")
+    from worker.distill.errors import DistillError
+
+    try:
+        kind, args = argv[0], json.loads(argv[1])
+        result = {"teacher": inspect_teacher, "dataset": inspect_dataset}[kind](args)
+        out.write(json.dumps({"ok": True, **result}) + "\n")
+        return 0
+    except DistillError as e:
+        out.write(json.dumps({"ok": False, **e.to_dict()}) + "\n")
+        return 2
+    except Exception as e:  # an upload that breaks a library is still the upload's fault
+        traceback.print_exc()
+        out.write(json.dumps({"ok": False, "code": "unreadable_upload",
+                              "message": f"the file could not be read ({type(e).__name__}: {e})"}) + "\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

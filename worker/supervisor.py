@@ -1,0 +1,349 @@
+"""The supervisor: claims a job, runs the engine in a child process, and mirrors it into the database.
+
+The child (`python -m worker.run`) gets file paths only, never database or store credentials; it runs in
+its own process group so cancel and timeout can stop everything it started, and it dies with us
+(PR_SET_PDEATHSIG) so a killed worker leaves no orphan training on the GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import or_, update
+
+from app.db import session_scope
+from app.jobs import add_event
+from app.models import Artifact, Dataset, Job, Teacher, utcnow
+from app.settings import Settings
+from app.storage import get_store, sha256_of
+from worker.distill.spec import DataSpec, InputSpec, JobSpec, StudentSpec, TeacherSpec
+
+log = logging.getLogger("kdistill.worker")
+EXIT_CANCELLED = 3
+KILL_WAIT = 10.0
+
+
+def _die_with_parent() -> None:
+    # Linux only: the child gets SIGKILL when the supervising worker dies, however it dies.
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class Supervisor:
+    """Runs one job to a final status; every step of the way is written to the job's record."""
+
+    def __init__(self, settings: Settings, job_id: str, worker: str) -> None:
+        self.settings, self.job_id, self.worker = settings, job_id, worker
+        self.url = settings.resolved_database_url
+        self.job_dir = settings.jobs_dir.resolve() / job_id
+
+    # -- claiming -------------------------------------------------------------------------------------
+    def claim(self) -> bool:
+        """Atomically move the job to running; False when it is not ours to run."""
+        now = utcnow()
+        stale = now - timedelta(seconds=self.settings.stale_after)
+        with session_scope(self.url) as s:
+            claimed = s.execute(
+                update(Job).where(
+                    Job.id == self.job_id, Job.attempts < self.settings.job_max_attempts,
+                    Job.cancel_requested.is_(False),
+                    or_(Job.status == "queued", (Job.status == "running") & (Job.heartbeat_at < stale)),
+                ).values(status="running", attempts=Job.attempts + 1, worker=self.worker, heartbeat_at=now,
+                         phase="loading", started_at=now).execution_options(synchronize_session=False)
+            ).rowcount
+            job = s.get(Job, self.job_id)
+            if job is None:
+                log.warning("job %s does not exist; message dropped", self.job_id)
+                return False
+            if claimed:
+                resumed = job.attempts > 1
+                add_event(s, job.id, "status", f"running on {self.worker} (attempt {job.attempts})"
+                          + ("; the previous worker was lost, resuming from its last checkpoint" if resumed else ""),
+                          status="running", worker=self.worker, attempt=job.attempts)
+                return True
+            if job.status in ("queued", "running") and job.attempts >= self.settings.job_max_attempts and (
+                    job.status == "queued" or job.heartbeat_at is None or job.heartbeat_at < stale):
+                self._finish(s, job, "failed", "too_many_attempts",
+                             f"the job was started {job.attempts} times and its worker was lost each time; "
+                             "check the workers' logs (out of memory?) before submitting it again")
+            elif job.status == "running" and job.cancel_requested and (job.heartbeat_at or now) < stale:
+                self._finish(s, job, "cancelled", None, None)
+            else:
+                log.info("job %s is %s (worker %s); redelivered message ignored", job.id, job.status, job.worker)
+            return False
+
+    # -- running --------------------------------------------------------------------------------------
+    def run(self) -> None:
+        if not self.claim():
+            return
+        try:
+            self._supervise()
+        except Exception as e:  # the job must end in a final state whatever breaks here
+            log.exception("supervising job %s failed", self.job_id)
+            with session_scope(self.url) as s:
+                job = s.get(Job, self.job_id)
+                if job is not None and job.status == "running":
+                    add_event(s, job.id, "error", "the worker failed while supervising the job",
+                              traceback=traceback.format_exc())
+                    self._finish(s, job, "failed", "worker_error",
+                                 f"the worker failed while supervising the job ({type(e).__name__}); see its log")
+
+    def _spec(self, job: Job, teacher: Teacher, dataset: Dataset) -> JobSpec:
+        req = job.request
+        store = get_store(self.settings)
+        t_input = InputSpec(channels=teacher.input_channels, size=tuple(teacher.input_size), mean=teacher.mean,
+                            std=teacher.std)
+        student = req["student"]
+        s_input = None
+        if student.get("input_size") or student.get("mean") or student.get("std"):
+            size = student.get("input_size") or teacher.input_size[0]
+            s_input = InputSpec(channels=teacher.input_channels, size=size, mean=student.get("mean"),
+                                std=student.get("std"))
+        data = req.get("data") or {}
+        return JobSpec(
+            teacher=TeacherSpec(path=str(store.local_path(teacher.storage_key)), format=teacher.format
+                                if teacher.format != "safetensors" else "safetensors", arch=teacher.arch,
+                                num_classes=teacher.num_classes, input=t_input),
+            student=StudentSpec(arch=student["arch"], input=s_input),
+            data=DataSpec(path=str(store.local_path(dataset.storage_key)), val_fraction=data.get("val_fraction", 0.2),
+                          augment=data.get("augment", False), max_files=self.settings.max_dataset_files,
+                          max_unpacked_bytes=self.settings.max_unpacked_bytes,
+                          max_decoded_bytes=self.settings.max_decoded_bytes),
+            hyperparameters=req["hyperparameters"],
+            export_formats=req["export_formats"],
+            baseline=req.get("baseline", False),
+            output_dir=str(self.job_dir / "out"),
+            checkpoint_dir=str(self.job_dir / "checkpoints"),
+            progress_interval=min(self.settings.progress_interval, 1.0),
+            allow_torchscript_teacher=self.settings.allow_torchscript,
+        )
+
+    def _supervise(self) -> None:
+        with session_scope(self.url) as s:
+            job = s.get(Job, self.job_id)
+            assert job is not None
+            spec = self._spec(job, s.get(Teacher, job.teacher_id), s.get(Dataset, job.dataset_id))
+            max_seconds = job.request.get("max_run_seconds") or self.settings.job_max_seconds
+        out_dir = self.job_dir / "out"
+        shutil.rmtree(out_dir, ignore_errors=True)  # a retried job starts its exports afresh
+        self.job_dir.mkdir(parents=True, exist_ok=True)
+        cancel_file = self.job_dir / "cancel"
+        cancel_file.unlink(missing_ok=True)
+        (self.job_dir / "spec.json").write_text(spec.model_dump_json(indent=2))
+        child_log = (self.job_dir / "child.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.run", str(self.job_dir / "spec.json"), "--cancel-file", str(cancel_file)],
+            stdout=subprocess.PIPE, stderr=child_log, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=_die_with_parent, env=_child_env(), cwd=str(self.job_dir))
+        child_log.close()
+        log.info("job %s: training process %d started", self.job_id, proc.pid)
+        lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+
+        state = _ChildState(started=time.monotonic())
+        last_beat = last_progress_write = 0.0
+        eof = False
+        while True:
+            try:
+                line = lines.get(timeout=0.5)
+                if line is None:
+                    eof = True
+                else:
+                    self._handle_line(line, state)
+            except queue.Empty:
+                pass
+            now = time.monotonic()
+            if state.progress is not None and (state.progress_dirty and now - last_progress_write >=
+                                               self.settings.progress_interval):
+                self._write_progress(state)
+                last_progress_write = now
+            if now - last_beat >= self.settings.heartbeat_interval or eof:
+                last_beat = now
+                cancel = self._heartbeat()
+                if cancel and state.cancel_at is None:
+                    state.cancel_at = now
+                    cancel_file.touch()
+                    log.info("job %s: cancellation requested", self.job_id)
+            if state.cancel_at is not None and proc.poll() is None and now - state.cancel_at > self.settings.cancel_grace:
+                _kill_group(proc, state)
+            if now - state.started > max_seconds and proc.poll() is None and not state.timed_out:
+                state.timed_out = True
+                log.warning("job %s: past its maximum run time of %.0f s; stopping it", self.job_id, max_seconds)
+                _kill_group(proc, state)
+            if eof and proc.poll() is not None:
+                break
+            if eof:
+                try:
+                    proc.wait(timeout=KILL_WAIT)
+                except subprocess.TimeoutExpired:
+                    _kill_group(proc, state)
+        self._conclude(proc.returncode, state, max_seconds)
+
+    def _handle_line(self, line: str, state: _ChildState) -> None:
+        try:
+            msg = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("job %s: non-JSON line from the training process: %s", self.job_id, line[:200])
+            return
+        kind = msg.get("type")
+        if kind == "progress":
+            state.progress, state.progress_dirty = msg, True
+        elif kind == "phase":
+            with session_scope(self.url) as s:
+                s.execute(update(Job).where(Job.id == self.job_id, Job.status == "running")
+                          .values(phase=msg["phase"]))
+        elif kind == "epoch":
+            state.progress_dirty = state.progress is not None
+            with session_scope(self.url) as s:
+                job = s.get(Job, self.job_id)
+                data = {k: v for k, v in msg.items() if k not in ("type", "time")}
+                metrics = dict(job.metrics or {})
+                if data["run"] == "student":
+                    metrics.update(student_accuracy=data["student_accuracy"], teacher_accuracy=data["teacher_accuracy"],
+                                   agreement=data["agreement"], train_loss=data["train_loss"], epoch=data["epoch"])
+                else:
+                    metrics.update(baseline_accuracy=data["student_accuracy"])
+                job.metrics = metrics
+                add_event(s, job.id, "epoch", f"{data['run']} epoch {data['epoch']}/{data['epochs']}: "
+                          f"val accuracy {data['student_accuracy']:.4f}, loss {data['train_loss']:.4f}", **data)
+        elif kind == "event":
+            with session_scope(self.url) as s:
+                add_event(s, self.job_id, msg.get("kind", "info"), msg.get("message", ""), **(msg.get("data") or {}))
+                if msg.get("kind") == "device":
+                    s.execute(update(Job).where(Job.id == self.job_id).values(device=msg.get("message", "")
+                                                                                  .removeprefix("training on ")))
+        elif kind == "result":
+            state.result = msg
+        elif kind == "error":
+            state.error = msg
+
+    def _write_progress(self, state: _ChildState) -> None:
+        p = state.progress or {}
+        keep = ("run", "epoch", "epochs", "step", "total_steps", "fraction", "eta_seconds", "loss", "samples_per_s")
+        with session_scope(self.url) as s:
+            s.execute(update(Job).where(Job.id == self.job_id, Job.status == "running").values(
+                progress={k: p.get(k) for k in keep}, samples_per_s=p.get("samples_per_s"), heartbeat_at=utcnow()))
+        state.progress_dirty = False
+
+    def _heartbeat(self) -> bool:
+        """Mark the job alive; return whether someone asked to cancel it."""
+        with session_scope(self.url) as s:
+            s.execute(update(Job).where(Job.id == self.job_id, Job.status == "running")
+                      .values(heartbeat_at=utcnow()))
+            job = s.get(Job, self.job_id)
+            return bool(job and job.cancel_requested)
+
+    # -- ending ---------------------------------------------------------------------------------------
+    def _conclude(self, returncode: int, state: _ChildState, max_seconds: float) -> None:
+        with session_scope(self.url) as s:
+            job = s.get(Job, self.job_id)
+            assert job is not None
+            if job.status != "running" or job.worker != self.worker:
+                log.warning("job %s was taken over (%s on %s); leaving it", job.id, job.status, job.worker)
+                return
+            if state.timed_out:
+                self._finish(s, job, "failed", "job_timeout", f"the job ran longer than its limit of {max_seconds:.0f} s "
+                             "and was stopped; raise max_run_seconds or train fewer epochs")
+            elif returncode == 0 and state.result is not None:
+                self._store_artifacts(s, job, state.result)
+            elif state.cancel_at is not None or returncode == EXIT_CANCELLED:
+                self._finish(s, job, "cancelled", None, None)
+            elif state.error is not None:
+                if state.error.get("traceback"):
+                    add_event(s, job.id, "error", state.error.get("message", ""), code=state.error.get("code"),
+                              traceback=state.error["traceback"])
+                self._finish(s, job, "failed", state.error.get("code", "job_failed"),
+                             state.error.get("message", "the job failed"))
+            else:
+                how = f"was killed by signal {-returncode}" if returncode < 0 else f"exited with status {returncode}"
+                hint = " (SIGKILL: often the machine ran out of memory)" if returncode == -signal.SIGKILL else ""
+                add_event(s, job.id, "error", f"training process {how}", stderr=_tail(self.job_dir / "child.log"))
+                self._finish(s, job, "failed", "training_process_died",
+                             f"the training process {how}{hint}; its log tail is in the job's events")
+
+    def _store_artifacts(self, s: Any, job: Job, result: dict[str, Any]) -> None:
+        store = get_store(self.settings)
+        out_dir = self.job_dir / "out"
+        for a in result["artifacts"]:
+            path = out_dir / a["name"]
+            digest = sha256_of(path)
+            if digest != a["sha256"]:
+                self._finish(s, job, "failed", "artifact_corrupted", f"{a['name']} changed on disk after export")
+                return
+            key = f"jobs/{job.id}/{a['name']}"
+            store.put_file(key, path)
+            s.add(Artifact(job_id=job.id, name=a["name"], format=a["format"], size_bytes=path.stat().st_size,
+                           sha256=digest, storage_key=key))
+        metrics = dict(result["metrics"])
+        job.metrics = metrics
+        job.device = result.get("device") or job.device
+        job.progress = dict(job.progress or {}, fraction=1.0, eta_seconds=0.0)
+        self._finish(s, job, "succeeded", None, None)
+        shutil.rmtree(self.job_dir / "checkpoints", ignore_errors=True)
+
+    def _finish(self, s: Any, job: Job, status: str, code: str | None, message: str | None) -> None:
+        job.status, job.phase, job.finished_at = status, None, utcnow()
+        job.error_code, job.error_message = code, message
+        add_event(s, job.id, "status", status if not message else f"{status}: {message}", status=status, code=code)
+        log.info("job %s %s%s", job.id, status, f" ({code})" if code else "")
+
+
+class _ChildState:
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.progress: dict[str, Any] | None = None
+        self.progress_dirty = False
+        self.result: dict[str, Any] | None = None
+        self.error: dict[str, Any] | None = None
+        self.cancel_at: float | None = None
+        self.timed_out = False
+        self.killed_at: float | None = None
+
+
+def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:
+    for raw in iter(stream.readline, b""):
+        lines.put(raw.decode("utf-8", "replace").strip())
+    lines.put(None)
+
+
+def _kill_group(proc: subprocess.Popen[bytes], state: _ChildState) -> None:
+    """SIGTERM the child's process group, then SIGKILL if it lingers."""
+    now = time.monotonic()
+    sig = signal.SIGTERM if state.killed_at is None else signal.SIGKILL
+    if state.killed_at is not None and now - state.killed_at < KILL_WAIT:
+        return
+    state.killed_at = now
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    # Credentials stay with the supervisor: the child reads files and writes files, nothing else.
+    for key in list(env):
+        if key.startswith("KDISTILL_") or key.startswith("AWS_") or key in ("DATABASE_URL",):
+            env.pop(key)
+    return env
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
