@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from digits_data import TEACHER_ARCH, Digits, TrainedTeacher, teacher_input_spec
 from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 torch.set_num_threads(2)
-
-DIGITS_MEAN, DIGITS_STD = 0.3, 0.37
-TEACHER_ARCH = "resnet20"
-
-
-@dataclass(frozen=True)
-class Digits:
-    x_train: np.ndarray  # uint8 [N, 8, 8]
-    y_train: np.ndarray
-    x_test: np.ndarray  # held out: no run ever sees these during training or model selection
-    y_test: np.ndarray
-
 
 @pytest.fixture(scope="session")
 def digits() -> Digits:
@@ -32,17 +18,6 @@ def digits() -> Digits:
     images = np.clip(np.round(x.reshape(-1, 8, 8) * 255 / 16), 0, 255).astype(np.uint8)
     x_tr, x_te, y_tr, y_te = train_test_split(images, y, test_size=0.3, stratify=y, random_state=0)
     return Digits(x_tr, y_tr.astype(np.int64), x_te, y_te.astype(np.int64))
-
-
-def teacher_input_spec() -> dict:
-    return {"channels": 1, "size": 8, "mean": [DIGITS_MEAN], "std": [DIGITS_STD]}
-
-
-@dataclass(frozen=True)
-class TrainedTeacher:
-    path: Path
-    arch: str
-    test_accuracy: float
 
 
 @pytest.fixture(scope="session")
@@ -69,18 +44,3 @@ def digits_teacher(tmp_path_factory: pytest.TempPathFactory, digits: Digits) -> 
     path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return TrainedTeacher(path=path, arch=TEACHER_ARCH, test_accuracy=acc)
-
-
-def few_label_npz(path: Path, digits: Digits, *, labels_per_class: int, val_per_class: int, seed: int = 0) -> Path:
-    """`labels_per_class` labelled samples per class, a labelled validation set, and every other training
-    image as the unlabeled transfer set (`x_unlabeled`)."""
-    rng = np.random.default_rng(seed)
-    labelled, val = [], []
-    for c in range(10):
-        idx = rng.permutation(np.flatnonzero(digits.y_train == c))
-        labelled.extend(idx[:labels_per_class])
-        val.extend(idx[labels_per_class:labels_per_class + val_per_class])
-    rest = np.setdiff1d(np.arange(len(digits.y_train)), np.concatenate([labelled, val]))
-    np.savez(path, x=digits.x_train[labelled], y=digits.y_train[labelled], x_val=digits.x_train[val],
-             y_val=digits.y_train[val], x_unlabeled=digits.x_train[rest])
-    return path

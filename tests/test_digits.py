@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import DIGITS_MEAN, DIGITS_STD, Digits, TrainedTeacher, few_label_npz, teacher_input_spec
+from digits_data import DIGITS_MEAN, DIGITS_STD, Digits, TrainedTeacher, few_label_npz, teacher_input_spec
 
 from worker.distill.data import ImageSet
 from worker.distill.progress import Callbacks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -132,7 +133,7 @@ def test_progress_is_rate_limited_and_complete():
     assert len(every) == HP.epochs * 8  # 128 samples / 16 per batch
     assert [p.step for p in every] == list(range(1, 25))
     assert every[-1].fraction == pytest.approx(1.0)
-    assert all(b.fraction > a.fraction for a, b in zip(every, every[1:], strict=False))
+    assert all(b.fraction > a.fraction for a, b in itertools.pairwise(every))
     assert every[-1].eta_seconds == pytest.approx(0.0, abs=1e-6)
     assert all(p.samples_per_s > 0 and math.isfinite(p.loss) and p.loss_distill > 0 for p in every)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import few_label_npz, teacher_input_spec
+from digits_data import few_label_npz, teacher_input_spec
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def test_cancel_file_stops_the_run_and_a_rerun_resumes_from_its_checkpoint(tmp_p
     events = lines_of(again.stdout)
     resumed = [e for e in events if e["type"] == "event" and e["kind"] == "resumed"]
     assert resumed and resumed[0]["data"]["epoch"] >= 2
-    assert [e["epoch"] for e in events if e["type"] == "epoch"][0] == resumed[0]["data"]["epoch"] + 1
+    assert next(e["epoch"] for e in events if e["type"] == "epoch") == resumed[0]["data"]["epoch"] + 1
     assert events[-1]["metrics"]["resumed_from_epoch"] == resumed[0]["data"]["epoch"]
     assert time.monotonic() - t0 < 600
 

@@ -20,7 +20,8 @@ SMALL_MIN_SIZE = 8  # the smallest size the family is tested at; two stride-2 st
 FALLBACK_SIZE = 224
 # ViTs assert H == W == image_size and MaxViT's window partition is fixed at build time; random-init builds
 # use image_size 224 whatever the pretrained weights' meta says (vit_h_14's SWAG weights say 518).
-# Swin pads to its window size and runs at any size, so it is not listed here.
+# Swin pads to its window size and runs at any size, so it is not fixed; its minimum stays the meta's
+# 224/256, which is conservative (it also runs smaller).
 FIXED_SIZE_PREFIXES: dict[str, int] = {"vit_": 224, "maxvit_": 224}
 
 
