@@ -1,10 +1,12 @@
-"""The `kdistill` command line."""
+"""The `kdistill` command line: local runs (`run`, `example`), the one-machine service (`serve`, `keys`)
+and the service's client verbs (`submit`, `status`, `jobs`, `cancel`, `download`)."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -13,6 +15,8 @@ from rich.table import Table
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Distill small, fast student models from large teachers.")
+keys_cli = typer.Typer(no_args_is_help=True, help="API keys of a kdistill database.")
+cli.add_typer(keys_cli, name="keys")
 console = Console(stderr=True)
 
 
@@ -71,6 +75,360 @@ def models(family: str | None = typer.Option(None, help="torchvision or small"))
         if family in (None, info.family):
             typer.echo(f"{name:28s} {info.family:12s} input {info.default_input_size} (min {info.min_input_size})")
 
+
+# -- the one-machine service ------------------------------------------------------------------------------
+DEFAULT_URL = "http://127.0.0.1:8000"
+Url = Annotated[str, typer.Option("--url", envvar="KDISTILL_URL", help="the kdistill server")]
+ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="KDISTILL_API_KEY", show_default=False,
+                                            help="API key (where the server requires keys)")]
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+@cli.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8000, min=1, max=65535),
+    data_dir: Path = typer.Option(Path("kdistill-data"), "--data-dir", envvar="KDISTILL_DATA_DIR",
+                                  help="database, broker folder, uploads and artifacts"),
+    auth: bool | None = typer.Option(None, "--auth/--no-auth", show_default=False,
+                                     help="require API keys [default: off on a loopback host, on otherwise]"),
+    log_level: str = typer.Option("info", help="debug, info, warning or error"),
+) -> None:
+    """Run the API and one local worker on this machine (SQLite, filesystem broker; nothing else needed)."""
+    from app.serve import ServeError
+    from app.serve import serve as run_service
+
+    try:
+        code = run_service(host=host, port=port, data_dir=data_dir, auth=auth, log_level=log_level)
+    except ServeError as e:
+        console.print(f"[red]error[/] {e}")
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
+
+
+@keys_cli.command("create")
+def keys_create(
+    tenant: str = typer.Option(..., help="the tenant the key acts for (created if new)"),
+    name: str = typer.Option("", help="a label to recognise the key by"),
+    data_dir: Path | None = typer.Option(None, "--data-dir", show_default=False,
+                                         help="the data dir of `kdistill serve` [default: KDISTILL_DATA_DIR]"),
+    database_url: str | None = typer.Option(None, "--database-url", show_default=False,
+                                            help="[default: KDISTILL_DATABASE_URL, else SQLite in the data dir]"),
+) -> None:
+    """Create an API key and print it (only it, on stdout: KEY=$(kdistill keys create --tenant t))."""
+    from app.db import session_scope
+    from app.keys import create_key
+    from app.migrate import upgrade
+    from app.settings import Settings
+
+    overrides: dict[str, Any] = {}
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir.expanduser().resolve()
+    if database_url is not None:
+        overrides["database_url"] = database_url
+    settings = Settings(**overrides)
+    url = settings.resolved_database_url
+    if url.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(url)
+    with session_scope(url) as session:
+        key = create_key(session, tenant, name)
+    console.print(f"created an API key for tenant [bold]{tenant}[/]; it is shown only now")
+    typer.echo(key)
+
+
+# -- client verbs ------------------------------------------------------------------------------------------
+def _client(url: str, api_key: str | None) -> Any:
+    from app.client import Client
+
+    return Client(url, api_key=api_key)
+
+
+def _fail(e: Exception) -> NoReturn:
+    from app.client import KdistillError
+
+    if isinstance(e, KdistillError):
+        where = f" (field {e.field})" if e.field else ""
+        console.print(f"[red]error[/] [bold]{e.code}[/]{where}: {e.message}")
+    else:
+        console.print(f"[red]error[/] {e}")
+    raise typer.Exit(1)
+
+
+def _csv_floats(value: str | None, option: str) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated numbers, got {value!r}", param_hint=option) from None
+
+
+def _hp_pairs(pairs: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--hp")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    s = round(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    kind = event["kind"]
+    style = {"status": "bold", "epoch": "dim", "error": "red", "warning": "yellow"}.get(kind, "cyan")
+    return f"[{style}]{kind}[/] {event['message']}"
+
+
+def _watch(client: Any, job_id: str, timeout: float | None) -> dict[str, Any]:
+    """A live progress bar (and the job's events as they come) until the job ends."""
+    seen: dict[str, Any] = {"after": None}
+    columns = (TextColumn("[bold]{task.description:<10}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+               TextColumn("{task.fields[info]}"), TextColumn("[cyan]{task.fields[eta]}"))
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("queued", total=1.0, info="", eta="")
+
+        def show(job: dict[str, Any]) -> None:
+            for event in client.events(job_id, after=seen["after"]):
+                bar.console.print(_event_line(event))
+                seen["after"] = event["id"]
+            p = job.get("progress") or {}
+            info = ""
+            if p.get("epochs"):
+                info = f"{p.get('run') or 'student'} epoch {p.get('epoch', 0)}/{p['epochs']}"
+                if p.get("loss") is not None:
+                    info += f"  loss {p['loss']:.4f}"
+                if p.get("samples_per_s"):
+                    info += f"  {p['samples_per_s']:,.0f} samples/s"
+            eta = p.get("eta_seconds")
+            bar.update(task, completed=p.get("fraction") or 0.0, info=info,
+                       description=job.get("phase") or job["status"],
+                       eta=f"ETA {_duration(eta)}" if eta is not None and job["status"] == "running" else "")
+
+        job = client.wait(job_id, timeout=timeout, poll=1.0, on_progress=show)
+    return job
+
+
+def _report(job: dict[str, Any], out: Console) -> None:
+    colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(job["status"], "cyan")
+    line = f"job [bold]{job['id']}[/] [{colour}]{job['status']}[/]"
+    if job.get("phase"):
+        line += f" ({job['phase']})"
+    p = job.get("progress") or {}
+    if job["status"] == "running" and p.get("epochs"):
+        line += f"  epoch {p.get('epoch', 0)}/{p['epochs']}, {100 * (p.get('fraction') or 0):.1f}%"
+        if p.get("eta_seconds") is not None:
+            line += f", ETA {_duration(p['eta_seconds'])}"
+    out.print(line)
+    if job.get("error"):
+        out.print(f"[red]error[/] [bold]{job['error']['code']}[/]: {job['error']['message']}")
+    metrics = {k: v for k, v in (job.get("metrics") or {}).items() if k != "per_class"}
+    if metrics:
+        table = Table("metric", "value")
+        for k, v in metrics.items():
+            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        out.print(table)
+    for a in job.get("artifacts") or []:
+        out.print(f"  {a['name']:28s} {a['format']:12s} {a['size_bytes']:>12,} bytes  sha256 {a['sha256'][:12]}…")
+
+
+@cli.command()
+def submit(
+    student: str = typer.Option(..., "--student", help="student architecture (see `kdistill models`)"),
+    teacher: Path | None = typer.Option(None, "--teacher", exists=True, dir_okay=False, help="teacher file to upload"),
+    teacher_id: str | None = typer.Option(None, "--teacher-id", help="an uploaded teacher"),
+    dataset: Path | None = typer.Option(None, "--dataset", exists=True, dir_okay=False, help="dataset to upload"),
+    dataset_id: str | None = typer.Option(None, "--dataset-id", help="an uploaded dataset"),
+    arch: str | None = typer.Option(None, "--arch", help="teacher architecture (state-dict teachers)"),
+    num_classes: int | None = typer.Option(None, "--num-classes", help="teacher classes (state-dict teachers)"),
+    input_channels: int = typer.Option(3, "--input-channels", help="teacher input channels"),
+    input_size: int = typer.Option(224, "--input-size", help="teacher input size (square)"),
+    mean: str | None = typer.Option(None, "--mean", help="teacher input mean, comma-separated per channel"),
+    std: str | None = typer.Option(None, "--std", help="teacher input std, comma-separated per channel"),
+    epochs: int | None = typer.Option(None, "--epochs"),
+    batch_size: int | None = typer.Option(None, "--batch-size"),
+    learning_rate: float | None = typer.Option(None, "--learning-rate"),
+    temperature: float | None = typer.Option(None, "--temperature"),
+    alpha: float | None = typer.Option(None, "--alpha", help="weight of the distillation loss"),
+    distillation: str | None = typer.Option(None, "--distillation", help="soft or hard"),
+    hp: list[str] = typer.Option([], "--hp", help="any other hyperparameter, KEY=VALUE (repeatable)"),
+    baseline: bool = typer.Option(False, "--baseline", help="also train the student on labels alone"),
+    export: str = typer.Option("onnx,torchscript", "--export", help="comma-separated: onnx, torchscript, torch_export"),
+    queue: str | None = typer.Option(None, "--queue", help="worker queue [default: the server's]"),
+    idempotency_key: str | None = typer.Option(None, "--idempotency-key"),
+    wait: bool = typer.Option(False, "--wait", help="watch the job until it ends"),
+    timeout: float | None = typer.Option(None, "--timeout", help="with --wait: give up after this many seconds"),
+    as_json: bool = typer.Option(False, "--json", help="print the job as JSON instead of its id"),
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Submit a distillation job (uploading the teacher and dataset files first when given); print its id."""
+    if (teacher is None) == (teacher_id is None):
+        raise typer.BadParameter("give exactly one of --teacher FILE and --teacher-id ID", param_hint="--teacher")
+    if (dataset is None) == (dataset_id is None):
+        raise typer.BadParameter("give exactly one of --dataset FILE and --dataset-id ID", param_hint="--dataset")
+    hyper = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
+                               "temperature": temperature, "alpha": alpha, "distillation": distillation}.items()
+             if v is not None}
+    hyper.update(_hp_pairs(hp))
+    formats = [f.strip() for f in export.split(",") if f.strip()]
+    extra: dict[str, Any] = {"queue": queue} if queue else {}
+    from app.client import KdistillError
+
+    try:
+        with _client(url, api_key) as client:
+            if teacher is not None:
+                with console.status(f"uploading {teacher.name}..."):
+                    t = client.upload_teacher(teacher, arch=arch, num_classes=num_classes,
+                                              input_channels=input_channels, input_size=input_size,
+                                              mean=_csv_floats(mean, "--mean"), std=_csv_floats(std, "--std"))
+                teacher_id = t["id"]
+                console.print(f"teacher [bold]{teacher_id}[/]: {t['format']}, {t['num_classes']} classes, "
+                              f"input {t['input_channels']}x{t['input_size'][0]}x{t['input_size'][-1]}")
+            if dataset is not None:
+                with console.status(f"uploading {dataset.name}..."):
+                    d = client.upload_dataset(dataset)
+                dataset_id = d["id"]
+                console.print(f"dataset [bold]{dataset_id}[/]: {d['format']}, {d['num_classes']} classes, "
+                              f"{d['num_train']} train / {d['num_val']} val / {d['num_unlabeled']} unlabeled")
+            assert teacher_id is not None and dataset_id is not None
+            job = client.create_job(teacher_id, dataset_id, student, hyperparameters=hyper or None,
+                                    export_formats=formats, baseline=baseline, idempotency_key=idempotency_key,
+                                    **extra)
+            console.print(f"job [bold]{job['id']}[/] {job['status']} on queue {job['queue']}")
+            if wait:
+                job = _watch(client, job["id"], timeout)
+                _report(job, console)
+    except (KdistillError, TimeoutError) as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        console.print("stopped watching; the job goes on (`kdistill status ID --watch`, `kdistill cancel ID`)")
+        raise typer.Exit(130) from None
+    typer.echo(json.dumps(job, indent=2) if as_json else job["id"])
+    if wait and job["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+@cli.command()
+def status(
+    job_id: str = typer.Argument(..., help="the job's id"),
+    watch: bool = typer.Option(False, "--watch", "-w", help="a live progress bar until the job ends"),
+    events: bool = typer.Option(False, "--events", help="also print the job's timeline"),
+    as_json: bool = typer.Option(False, "--json", help="print the job as JSON"),
+    timeout: float | None = typer.Option(None, "--timeout", help="with --watch: give up after this many seconds"),
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Show a job: status, progress, metrics, artifacts (exit 1 when --watch ends in failed/cancelled)."""
+    from app.client import KdistillError
+
+    out = Console()
+    try:
+        with _client(url, api_key) as client:
+            job = _watch(client, job_id, timeout) if watch else client.get_job(job_id)
+            if events and not watch:
+                for event in client.events(job_id):
+                    out.print(_event_line(event))
+    except (KdistillError, TimeoutError) as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    if as_json:
+        typer.echo(json.dumps(job, indent=2))
+    else:
+        _report(job, out)
+    if watch and job["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+@cli.command()
+def jobs(
+    job_status: str | None = typer.Option(None, "--status", help="queued, running, succeeded, failed, cancelled"),
+    limit: int = typer.Option(20, min=1, help="how many, newest first"),
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """List jobs, newest first."""
+    from itertools import islice
+
+    from app.client import KdistillError
+
+    table = Table("id", "status", "student", "progress", "student acc", "created")
+    try:
+        with _client(url, api_key) as client:
+            for job in islice(client.list_jobs(status=job_status, limit=min(limit, 200)), limit):
+                acc = (job.get("metrics") or {}).get("student_accuracy")
+                table.add_row(job["id"], job["status"], job["request"]["student"]["arch"],
+                              f"{100 * ((job.get('progress') or {}).get('fraction') or 0):.0f}%",
+                              f"{acc:.4f}" if isinstance(acc, float) else "", str(job["created_at"]))
+    except KdistillError as e:
+        _fail(e)
+    Console().print(table)
+
+
+@cli.command()
+def cancel(job_id: str = typer.Argument(...), url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Cancel a job (queued: at once; running: at its next training step)."""
+    from app.client import KdistillError
+
+    try:
+        with _client(url, api_key) as client:
+            job = client.cancel(job_id)
+    except KdistillError as e:
+        _fail(e)
+    console.print(f"job {job_id}: {job['status']}" + (" (cancel requested)" if job["status"] == "running" else ""))
+
+
+@cli.command()
+def download(
+    job_id: str = typer.Argument(...),
+    dest: Path | None = typer.Option(None, "--dest", help="folder [default: ./<job id>]"),
+    names: list[str] = typer.Option([], "--name", help="artifact name (repeatable) [default: all]"),
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Download a job's artifacts (checked against their sha256); print each file's path."""
+    from app.client import KdistillError
+
+    folder = dest or Path(job_id)
+    try:
+        with _client(url, api_key) as client:
+            job = client.get_job(job_id)
+            available = [a["name"] for a in job.get("artifacts") or []]
+            wanted = names or available
+            if not wanted:
+                console.print(f"job {job_id} is {job['status']} and has no artifacts yet")
+                raise typer.Exit(1)
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in wanted:
+                path = client.download(job_id, name, folder)
+                typer.echo(str(path))
+    except KdistillError as e:
+        _fail(e)
+
+
+@cli.command()
+def example(
+    dest: Path = typer.Argument(..., file_okay=False, help="folder to write the example into"),
+    epochs: int = typer.Option(20, min=1, help="teacher training epochs"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Write a small teacher trained on scikit-learn's digits, a dataset, and the commands to distil it."""
+    from app.example import commands, write_example
+
+    files = write_example(dest, epochs=epochs, seed=seed, log=lambda m: console.print(f"[dim]{m}[/]"))
+    console.print(f"wrote the example into {files.dir.resolve()} in {files.seconds:.0f} s "
+                  f"(teacher held-out accuracy {files.teacher_test_accuracy:.4f}); see README.txt there.\n")
+    typer.echo(commands(dest))
 
 def main() -> None:
     cli()

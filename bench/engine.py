@@ -40,8 +40,9 @@ def measure(mode: str, args: argparse.Namespace, data: ImageSet, val: ImageSet, 
     student = create_model(args.student, num_classes=args.classes)
     epochs: list[EpochMetrics] = []
     t0 = time.perf_counter()
-    train(TrainSetup(student=student, student_input=spec, train=data, val=val, classes=[str(i) for i in
-                     range(args.classes)], teacher=None if mode == "ce" else teacher, device=resolve_device(args.device),
+    classes = [str(i) for i in range(args.classes)]
+    train(TrainSetup(student=student, student_input=spec, train=data, val=val, classes=classes,
+                     teacher=None if mode == "ce" else teacher, device=resolve_device(args.device),
                      cache_teacher_logits=mode == "cached_logits", progress_interval=1e9),
           hp, Callbacks(on_epoch=epochs.append))
     rates = [e.samples_per_s for e in epochs[1:]] or [epochs[0].samples_per_s]

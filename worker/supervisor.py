@@ -179,7 +179,8 @@ class Supervisor:
                     state.cancel_at = now
                     cancel_file.touch()
                     log.info("job %s: cancellation requested", self.job_id)
-            if state.cancel_at is not None and proc.poll() is None and now - state.cancel_at > self.settings.cancel_grace:
+            grace_over = state.cancel_at is not None and now - state.cancel_at > self.settings.cancel_grace
+            if grace_over and proc.poll() is None:
                 _kill_group(proc, state)
             if now - state.started > max_seconds and proc.poll() is None and not state.timed_out:
                 state.timed_out = True
@@ -257,8 +258,8 @@ class Supervisor:
                 log.warning("job %s was taken over (%s on %s); leaving it", job.id, job.status, job.worker)
                 return
             if state.timed_out:
-                self._finish(s, job, "failed", "job_timeout", f"the job ran longer than its limit of {max_seconds:.0f} s "
-                             "and was stopped; raise max_run_seconds or train fewer epochs")
+                self._finish(s, job, "failed", "job_timeout", f"the job ran longer than its limit of "
+                             f"{max_seconds:.0f} s and was stopped; raise max_run_seconds or train fewer epochs")
             elif returncode == 0 and state.result is not None:
                 self._store_artifacts(s, job, state.result)
             elif state.cancel_at is not None or returncode == EXIT_CANCELLED:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.orm import Session
 
 from .errors import ApiError
 
-M = TypeVar("M")
 
-
-def page(session: Session, query: Select[Any], model: Any, *, limit: int, after: str | None) -> tuple[list[Any], str | None]:
+def page(session: Session, query: Select[Any], model: Any, *, limit: int,
+         after: str | None) -> tuple[list[Any], str | None]:
+    """One page of `query` newest first, and the cursor of the next page (None on the last)."""
     if after is not None:
         anchor = session.execute(select(model.created_at, model.id).where(model.id == after)).first()
         if anchor is None:
