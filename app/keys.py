@@ -40,5 +40,8 @@ def tenant_for_key(session: Session, key: str) -> Tenant | None:
     row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))
     if row is None:
         return None
-    row.last_used_at = utcnow()
+    now = utcnow()
+    # A write per request would make every poll a database write; a minute's precision is plenty.
+    if row.last_used_at is None or (now - row.last_used_at).total_seconds() > 60:
+        row.last_used_at = now
     return row.tenant

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from .api.errors import install_error_handlers
+from .api.metrics import install_metrics
 from .api.routes import datasets, health, jobs, teachers
+from .db import session_scope
+from .logs import setup_logging
+from .queue import requeue_pending
 from .settings import Settings, get_settings
+from .storage import S3Store, get_store
+
+log = logging.getLogger("kdistill.api")
+SWEEP_SECONDS = 60.0
 
 DESCRIPTION = """Distill small, fast student models from large teachers.
 
@@ -23,16 +35,46 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     for d in (settings.data_dir, settings.tmp_dir):
         d.mkdir(parents=True, exist_ok=True)
-    app = FastAPI(title="kdistill", version="1", description=DESCRIPTION)
+    app = FastAPI(title="kdistill", version="1", description=DESCRIPTION, lifespan=_lifespan)
     app.state.settings = settings
     install_error_handlers(app)
+    install_metrics(app, settings)
     for module in (health, teachers, datasets, jobs):
         app.include_router(module.router)
     if settings.auth == "disabled":
-        logging.getLogger("kdistill.api").warning("API keys are switched off: every caller is tenant 'local'")
+        log.warning("API keys are switched off: every caller is tenant 'local'")
     return app
 
 
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    store = get_store(settings)
+    if isinstance(store, S3Store):
+        await run_in_threadpool(store.ensure_bucket)
+    sweeper = asyncio.create_task(_sweep(settings))
+    try:
+        yield
+    finally:
+        sweeper.cancel()
+
+
+async def _sweep(settings: Settings) -> None:
+    """The database is the truth: jobs whose message never reached the broker are sent again."""
+    while True:
+        await asyncio.sleep(SWEEP_SECONDS)
+        try:
+            def sweep() -> int:
+                with session_scope(settings.resolved_database_url) as s:
+                    return requeue_pending(s, settings)
+            if n := await run_in_threadpool(sweep):
+                log.info("re-sent %d queued job(s) to the broker", n)
+        except Exception:  # the sweep retries next minute; the API keeps serving
+            log.exception("requeue sweep failed")
+
+
 def app_factory() -> FastAPI:
-    """For `uvicorn --factory app.main:app_factory`."""
-    return create_app()
+    """For `uvicorn --factory app.main:app_factory` in production: JSON logs, settings from the environment."""
+    settings = get_settings()
+    setup_logging(settings.log_format, settings.log_level)
+    return create_app(settings)

@@ -135,6 +135,18 @@ class Job(Base):
     artifacts: Mapped[list[Artifact]] = relationship(order_by="Artifact.name", lazy="selectin")
 
 
+class WorkerRecord(Base):
+    """A live Celery worker and the queues it serves: how the API knows whether any GPU worker exists."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    queues: Mapped[list[Any]] = mapped_column()
+    device: Mapped[str] = mapped_column(String(200), default="")
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
 class JobEvent(Base):
     __tablename__ = "job_events"
 

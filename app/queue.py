@@ -30,6 +30,17 @@ def enqueue(settings: Settings, job_id: str, queue: str) -> bool:
         return False
 
 
+def default_queue(settings: Settings) -> str:
+    """gpu when a live worker serves it, else cpu when one serves that, else the configured default."""
+    from worker.registry import live_queues
+
+    live = live_queues(settings)
+    for queue in ("gpu", "cpu"):
+        if queue in live:
+            return queue
+    return settings.default_queue
+
+
 def requeue_pending(session: Session, settings: Settings, older_than: float = 30.0) -> int:
     """Send again the queued jobs whose message never reached the broker."""
     cutoff = utcnow() - timedelta(seconds=older_than)

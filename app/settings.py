@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -19,7 +19,18 @@ class Settings(BaseSettings):
     database_url: str | None = None  # default: SQLite in data_dir
     broker_url: str | None = None  # default: Celery's filesystem transport in data_dir
     auth: Literal["required", "disabled"] = "required"
-    artifact_store: Literal["local"] = "local"
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
+
+    # Where teachers, datasets and artifacts live: the data folder, or S3-compatible object storage that
+    # the API and workers on other machines share.
+    artifact_store: Literal["local", "s3"] = "local"
+    s3_bucket: str = "kdistill"
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = None  # e.g. http://minio:9000; None: AWS
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
 
     max_teacher_bytes: int = Field(2 << 30, ge=1)
     max_dataset_bytes: int = Field(8 << 30, ge=1)
@@ -49,6 +60,10 @@ class Settings(BaseSettings):
     @property
     def store_dir(self) -> Path:
         return self.data_dir / "store"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
 
     @property
     def tmp_dir(self) -> Path:

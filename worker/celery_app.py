@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 from celery import Celery
+from celery.signals import setup_logging as celery_setup_logging
 
+from app.logs import setup_logging
 from app.settings import Settings, get_settings
+
+
+@celery_setup_logging.connect
+def _configure_logging(loglevel: Any = None, **_: Any) -> None:
+    # Connecting here replaces Celery's own logging setup with kdistill's (JSON lines by default).
+    settings = get_settings()
+    level = loglevel if isinstance(loglevel, str) else settings.log_level
+    setup_logging(settings.log_format, level)
 
 
 def make_celery(settings: Settings) -> Celery:
     """A Celery app for `settings`: Redis in production, the filesystem transport on one machine."""
-    app = Celery("kdistill", broker=settings.resolved_broker_url, include=["worker.tasks"])
+    app = Celery("kdistill", broker=settings.resolved_broker_url, include=["worker.tasks", "worker.registry"])
     options: dict = {"visibility_timeout": settings.visibility_timeout}
     if settings.resolved_broker_url.startswith("filesystem"):
         folder = settings.broker_dir.resolve()
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         options = {"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
-                   "processed_folder": str(folder / "processed"), "store_processed": False}
+                   "processed_folder": str(folder / "processed"), "control_folder": str(folder / "control"),
+                   "store_processed": False}
     app.conf.update(
         broker_transport_options=options,
         broker_connection_retry_on_startup=True,

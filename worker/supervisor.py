@@ -51,6 +51,7 @@ class Supervisor:
         self.settings, self.job_id, self.worker = settings, job_id, worker
         self.url = settings.resolved_database_url
         self.job_dir = settings.jobs_dir.resolve() / job_id
+        self.log = logging.LoggerAdapter(log, {"job_id": job_id, "worker": worker})
 
     # -- claiming -------------------------------------------------------------------------------------
     def claim(self) -> bool:
@@ -68,7 +69,7 @@ class Supervisor:
             ).rowcount
             job = s.get(Job, self.job_id)
             if job is None:
-                log.warning("job %s does not exist; message dropped", self.job_id)
+                self.log.warning("job %s does not exist; message dropped", self.job_id)
                 return False
             if claimed:
                 resumed = job.attempts > 1
@@ -84,7 +85,7 @@ class Supervisor:
             elif job.status == "running" and job.cancel_requested and (job.heartbeat_at or now) < stale:
                 self._finish(s, job, "cancelled", None, None)
             else:
-                log.info("job %s is %s (worker %s); redelivered message ignored", job.id, job.status, job.worker)
+                self.log.info("job %s is %s (worker %s); redelivered message ignored", job.id, job.status, job.worker)
             return False
 
     # -- running --------------------------------------------------------------------------------------
@@ -94,7 +95,7 @@ class Supervisor:
         try:
             self._supervise()
         except Exception as e:  # the job must end in a final state whatever breaks here
-            log.exception("supervising job %s failed", self.job_id)
+            self.log.exception("supervising job %s failed", self.job_id)
             with session_scope(self.url) as s:
                 job = s.get(Job, self.job_id)
                 if job is not None and job.status == "running":
@@ -145,13 +146,14 @@ class Supervisor:
         cancel_file = self.job_dir / "cancel"
         cancel_file.unlink(missing_ok=True)
         (self.job_dir / "spec.json").write_text(spec.model_dump_json(indent=2))
+        self._restore_checkpoints()
         child_log = (self.job_dir / "child.log").open("ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "worker.run", str(self.job_dir / "spec.json"), "--cancel-file", str(cancel_file)],
             stdout=subprocess.PIPE, stderr=child_log, stdin=subprocess.DEVNULL, start_new_session=True,
             preexec_fn=_die_with_parent, env=_child_env(), cwd=str(self.job_dir))
         child_log.close()
-        log.info("job %s: training process %d started", self.job_id, proc.pid)
+        self.log.info("job %s: training process %d started", self.job_id, proc.pid)
         lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
 
@@ -178,13 +180,13 @@ class Supervisor:
                 if cancel and state.cancel_at is None:
                     state.cancel_at = now
                     cancel_file.touch()
-                    log.info("job %s: cancellation requested", self.job_id)
+                    self.log.info("job %s: cancellation requested", self.job_id)
             grace_over = state.cancel_at is not None and now - state.cancel_at > self.settings.cancel_grace
             if grace_over and proc.poll() is None:
                 _kill_group(proc, state)
             if now - state.started > max_seconds and proc.poll() is None and not state.timed_out:
                 state.timed_out = True
-                log.warning("job %s: past its maximum run time of %.0f s; stopping it", self.job_id, max_seconds)
+                self.log.warning("job %s: past its maximum run time of %.0f s; stopping it", self.job_id, max_seconds)
                 _kill_group(proc, state)
             if eof and proc.poll() is not None:
                 break
@@ -199,7 +201,7 @@ class Supervisor:
         try:
             msg = json.loads(line)
         except json.JSONDecodeError:
-            log.warning("job %s: non-JSON line from the training process: %s", self.job_id, line[:200])
+            self.log.warning("job %s: non-JSON line from the training process: %s", self.job_id, line[:200])
             return
         kind = msg.get("type")
         if kind == "progress":
@@ -222,6 +224,7 @@ class Supervisor:
                 job.metrics = metrics
                 add_event(s, job.id, "epoch", f"{data['run']} epoch {data['epoch']}/{data['epochs']}: "
                           f"val accuracy {data['student_accuracy']:.4f}, loss {data['train_loss']:.4f}", **data)
+            self._upload_checkpoint(data["run"])
         elif kind == "event":
             with session_scope(self.url) as s:
                 add_event(s, self.job_id, msg.get("kind", "info"), msg.get("message", ""), **(msg.get("data") or {}))
@@ -232,6 +235,27 @@ class Supervisor:
             state.result = msg
         elif kind == "error":
             state.error = msg
+
+    # Workers on other machines share no disk: with an object store, each epoch's checkpoint goes there
+    # too, so whichever worker gets a lost job resumes it.
+    def _shares_disk(self) -> bool:
+        return self.settings.artifact_store == "local"
+
+    def _restore_checkpoints(self) -> None:
+        if self._shares_disk():
+            return
+        store = get_store(self.settings)
+        for run in ("student", "baseline"):
+            local = self.job_dir / "checkpoints" / f"{run}.ckpt"
+            key = f"checkpoints/{self.job_id}/{run}.ckpt"
+            if not local.exists() and store.exists(key):
+                store.fetch(key, local)
+                self.log.info("job %s: fetched the %s checkpoint from the store", self.job_id, run)
+
+    def _upload_checkpoint(self, run: str) -> None:
+        local = self.job_dir / "checkpoints" / f"{run}.ckpt"
+        if not self._shares_disk() and local.exists():
+            get_store(self.settings).put_file(f"checkpoints/{self.job_id}/{run}.ckpt", local)
 
     def _write_progress(self, state: _ChildState) -> None:
         p = state.progress or {}
@@ -255,7 +279,7 @@ class Supervisor:
             job = s.get(Job, self.job_id)
             assert job is not None
             if job.status != "running" or job.worker != self.worker:
-                log.warning("job %s was taken over (%s on %s); leaving it", job.id, job.status, job.worker)
+                self.log.warning("job %s was taken over (%s on %s); leaving it", job.id, job.status, job.worker)
                 return
             if state.timed_out:
                 self._finish(s, job, "failed", "job_timeout", f"the job ran longer than its limit of "
@@ -296,12 +320,14 @@ class Supervisor:
         job.progress = dict(job.progress or {}, fraction=1.0, eta_seconds=0.0)
         self._finish(s, job, "succeeded", None, None)
         shutil.rmtree(self.job_dir / "checkpoints", ignore_errors=True)
+        if not self._shares_disk():
+            store.delete_prefix(f"checkpoints/{job.id}")
 
     def _finish(self, s: Any, job: Job, status: str, code: str | None, message: str | None) -> None:
         job.status, job.phase, job.finished_at = status, None, utcnow()
         job.error_code, job.error_message = code, message
         add_event(s, job.id, "status", status if not message else f"{status}: {message}", status=status, code=code)
-        log.info("job %s %s%s", job.id, status, f" ({code})" if code else "")
+        self.log.info("job %s %s%s", job.id, status, f" ({code})" if code else "")
 
 
 class _ChildState:

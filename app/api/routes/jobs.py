@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.jobs import add_event, cancel_queued, job_view, request_hash
 from app.models import Artifact, Dataset, Job, JobEvent, Teacher, new_id, utcnow
-from app.queue import enqueue
+from app.queue import default_queue, enqueue
 from app.storage import get_store
 from worker.distill.errors import StudentError
 from worker.distill.spec import InputSpec
@@ -76,8 +76,9 @@ async def create_job(
         if existing is not None:
             return _replay(existing, digest)
     _check_request(session, tenant.id, body)
+    queue = body.queue or await run_in_threadpool(default_queue, settings)
     job = Job(id=new_id("job"), tenant_id=tenant.id, teacher_id=body.teacher_id, dataset_id=body.dataset_id,
-              status="queued", queue=body.queue or settings.default_queue, request=request,
+              status="queued", queue=queue, request=request,
               idempotency_key=idempotency_key, request_hash=digest)
     session.add(job)
     add_event(session, job.id, "status", "queued", status="queued")

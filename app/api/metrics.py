@@ -1,0 +1,87 @@
+"""Prometheus metrics at /metrics: HTTP traffic from this process, job figures from the database."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
+from starlette.routing import Match
+
+from app.db import session_scope
+from app.models import Job, utcnow
+from app.settings import Settings
+
+DURATION_BUCKETS = (60, 300, 900, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600, 24 * 3600, 72 * 3600)
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+class JobCollector:
+    """Reads the database at scrape time, so every API replica reports the same job figures."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.url = settings.resolved_database_url
+
+    def collect(self) -> Iterator[Any]:
+        jobs = GaugeMetricFamily("kdistill_jobs", "Jobs by status", labels=["status"])
+        depth = GaugeMetricFamily("kdistill_queue_depth", "Queued jobs waiting for a worker", labels=["queue"])
+        speed = GaugeMetricFamily("kdistill_job_samples_per_second", "Training throughput of running jobs",
+                                  labels=["job_id", "queue"])
+        with session_scope(self.url) as s:
+            counts = dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+            for status in STATUSES:
+                jobs.add_metric([status], counts.get(status, 0))
+            for queue, n in s.execute(select(Job.queue, func.count()).where(Job.status == "queued")
+                                      .group_by(Job.queue)).all():
+                depth.add_metric([queue], n)
+            for job_id, queue, sps in s.execute(select(Job.id, Job.queue, Job.samples_per_s)
+                                                .where(Job.status == "running", Job.samples_per_s.is_not(None))):
+                speed.add_metric([job_id, queue], sps)
+            since = utcnow() - timedelta(days=7)
+            spans = s.execute(select(Job.started_at, Job.finished_at).where(
+                Job.finished_at >= since, Job.started_at.is_not(None), Job.status == "succeeded")).all()
+        durations = [(end - start).total_seconds() for start, end in spans]
+        buckets = [(str(b), sum(d <= b for d in durations)) for b in DURATION_BUCKETS]
+        buckets.append(("+Inf", len(durations)))
+        hist = HistogramMetricFamily("kdistill_job_duration_seconds",
+                                     "Run time of jobs that succeeded in the last 7 days")
+        hist.add_metric([], buckets, sum_value=sum(durations))
+        yield from (jobs, depth, speed, hist)
+
+
+def install_metrics(app: FastAPI, settings: Settings) -> None:
+    registry = CollectorRegistry()
+    requests = Counter("kdistill_http_requests_total", "HTTP requests", ["method", "route", "status"],
+                       registry=registry)
+    latency = Histogram("kdistill_http_request_duration_seconds", "HTTP request latency", ["method", "route"],
+                        buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60), registry=registry)
+    registry.register(JobCollector(settings))
+
+    @app.middleware("http")
+    async def _measure(request: Request, call_next: Any) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = _route_of(app, request)
+        requests.labels(request.method, route, str(response.status_code)).inc()
+        latency.labels(request.method, route).observe(time.perf_counter() - start)
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        body = await run_in_threadpool(generate_latest, registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def _route_of(app: FastAPI, request: Request) -> str:
+    # The path template, not the path: one series per endpoint however many job ids there are.
+    for route in app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match == Match.FULL:
+            return getattr(route, "path", "other")
+    return "unmatched"
