@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from .api.errors import install_error_handlers
 from .api.metrics import install_metrics
 from .api.routes import datasets, health, jobs, teachers
+from .api.uploads import UploadGuard
 from .db import session_scope
 from .logs import setup_logging
 from .queue import requeue_pending
@@ -39,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     install_metrics(app, settings)
+    app.add_middleware(UploadGuard, settings=settings)
     for module in (health, teachers, datasets, jobs):
         app.include_router(module.router)
     if settings.auth == "disabled":

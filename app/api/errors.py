@@ -67,7 +67,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        code = HTTP_CODES.get(e.status_code, "http_error")
+        code = getattr(e, "code", None) or HTTP_CODES.get(e.status_code, "http_error")
         return JSONResponse(error_body(code, str(e.detail)), status_code=e.status_code)
 
     @app.exception_handler(Exception)

@@ -10,11 +10,14 @@ from sqlalchemy.orm import Session
 from .errors import ApiError
 
 
-def page(session: Session, query: Select[Any], model: Any, *, limit: int,
+def page(session: Session, query: Select[Any], model: Any, *, tenant_id: str, limit: int,
          after: str | None) -> tuple[list[Any], str | None]:
-    """One page of `query` newest first, and the cursor of the next page (None on the last)."""
+    """One page of the tenant's `query` newest first, and the cursor of the next page (None on the last)."""
+    query = query.where(model.tenant_id == tenant_id)
     if after is not None:
-        anchor = session.execute(select(model.created_at, model.id).where(model.id == after)).first()
+        # Another tenant's id is as unknown as a made-up one: no answer may tell them apart.
+        anchor = session.execute(select(model.created_at, model.id)
+                                 .where(model.id == after, model.tenant_id == tenant_id)).first()
         if anchor is None:
             raise ApiError(422, "invalid_cursor", f"cursor {after!r} names no item; pass a next_cursor "
                            "returned by a previous page", "after")

@@ -11,26 +11,67 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fastapi import Request, UploadFile
+from fastapi import UploadFile
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.settings import Settings
 
 from .errors import ApiError
 
 CHUNK = 1 << 20
+MULTIPART_OVERHEAD = 1 << 20  # room for the form's other fields and boundaries
 STATUS_BY_CODE = {"unsupported_dataset_format": 415, "archive_too_large": 413, "archive_too_many_files": 413,
                   "dataset_too_large": 413}
 
 
-def check_multipart(request: Request, limit: int) -> None:
-    """Refuse early what is clearly wrong, before the body is read."""
-    ctype = request.headers.get("content-type", "")
-    if not ctype.startswith("multipart/form-data"):
-        raise ApiError(415, "unsupported_media_type",
-                       f"send the file as multipart/form-data (field 'file'), not {ctype or 'no content type'}")
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit + (1 << 20):
-        raise ApiError(413, "file_too_large", f"the upload is {int(length):,} bytes; this server takes at most "
-                       f"{limit:,} bytes (KDISTILL_MAX_*_BYTES)")
+class UploadTooLarge(StarletteHTTPException):
+    code = "file_too_large"
+
+
+class UploadGuard:
+    """ASGI middleware for the upload routes: refuses a wrong content type (415) or a declared size past
+    the limit (413) before the body is read, and stops a body that streams past the limit (413)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.limits = {"/v1/teachers": settings.max_teacher_bytes, "/v1/datasets": settings.max_dataset_bytes}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self.limits.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if limit is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        ctype = headers.get("content-type", "")
+        if not ctype.startswith("multipart/form-data"):
+            await _refuse(415, "unsupported_media_type", "send the file as multipart/form-data (field 'file'), "
+                          f"not {ctype or 'no content type'}", scope, receive, send)
+            return
+        allowed = limit + MULTIPART_OVERHEAD
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > allowed:
+            await _refuse(413, "file_too_large", f"the upload is {int(length):,} bytes; this server takes files "
+                          f"of at most {limit:,} bytes", scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > allowed:  # a chunked body that never declared its size
+                raise UploadTooLarge(413, f"the upload is larger than this server's limit of {limit:,} bytes")
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+async def _refuse(status: int, code: str, message: str, scope: Scope, receive: Receive, send: Send) -> None:
+    await JSONResponse({"code": code, "message": message}, status_code=status)(scope, receive, send)
 
 
 def safe_filename(name: str | None, default: str) -> str:
@@ -64,6 +105,11 @@ async def save_upload(upload: UploadFile, dest_dir: Path, limit: int) -> tuple[P
     return path, size, h.hexdigest()
 
 
+# The engine names fields as in a job spec; an upload's form fields are named differently.
+FORM_FIELDS = {"teacher.arch": "arch", "teacher.num_classes": "num_classes", "teacher.input": "input_size",
+               "teacher.path": "file", "teacher.format": "format"}
+
+
 def inspect_in_child(kind: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run `python -m worker.inspect` on an upload; a failure is the upload's 4xx, never our 500."""
     try:
@@ -80,6 +126,7 @@ def inspect_in_child(kind: str, args: dict[str, Any], timeout: float) -> dict[st
     result = json.loads(lines[-1])
     if not result.pop("ok", False):
         code = result.get("code", f"invalid_{kind}")
+        field = result.get("field")
         raise ApiError(STATUS_BY_CODE.get(code, 422), code, result.get("message", "invalid upload"),
-                       result.get("field"))
+                       FORM_FIELDS.get(field, field) if field else "file")
     return result

@@ -121,7 +121,7 @@ def test_topology_two_jobs_at_once_on_two_cpu_workers_with_artifacts_on_s3(tmp_p
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     procs["minio"] = moto
     try:
-        with fresh_postgres() as db_url, fresh_redis(db=11) as redis_url:
+        with fresh_postgres() as db_url, fresh_redis(db=9) as redis_url:
             secrets = {"POSTGRES_PASSWORD": "pw", "MINIO_ROOT_USER": "testing", "MINIO_ROOT_PASSWORD": "testing"}
             s3_url = f"http://127.0.0.1:{s3_port}"
 

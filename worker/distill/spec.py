@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import ConfigError
 
@@ -45,15 +45,16 @@ class InputSpec(_Strict):
                 raise ValueError(f"expected comma-separated floats, got {v!r}") from e
         return v
 
-    @model_validator(mode="after")
-    def _per_channel(self) -> InputSpec:
-        for name in ("mean", "std"):
-            vals = getattr(self, name)
-            if vals is not None and len(vals) not in (1, self.channels):
-                raise ValueError(f"{name} has {len(vals)} values; give 1 or one per channel ({self.channels})")
-        if self.std is not None and any(s <= 0 for s in self.std):
+    @field_validator("mean", "std", mode="after")
+    @classmethod
+    def _per_channel(cls, v: tuple[float, ...] | None, info: ValidationInfo) -> tuple[float, ...] | None:
+        # a field validator (not a model one) so that errors name the field: mean or std
+        channels = info.data.get("channels", 3)
+        if v is not None and len(v) not in (1, channels):
+            raise ValueError(f"{info.field_name} has {len(v)} values; give 1 or one per channel ({channels})")
+        if info.field_name == "std" and v is not None and any(s <= 0 for s in v):
             raise ValueError("std values must be > 0")
-        return self
+        return v
 
     def resolved_mean(self) -> tuple[float, ...]:
         return _per_channel(self.mean, self.channels, IMAGENET_MEAN if self.channels == 3 else (0.5,))
@@ -122,7 +123,6 @@ class Hyperparameters(_Strict):
     channels_last: bool = False
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    num_workers: Annotated[int, Field(ge=0, le=64)] = 0
 
     @field_validator("device")
     @classmethod
@@ -131,11 +131,13 @@ class Hyperparameters(_Strict):
             raise ValueError("device must be auto, cpu, cuda or cuda:N")
         return v
 
-    @model_validator(mode="after")
-    def _warmup(self) -> Hyperparameters:
-        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs})")
-        return self
+    @field_validator("warmup_epochs", mode="after")
+    @classmethod
+    def _warmup(cls, v: float, info: ValidationInfo) -> float:
+        epochs = info.data.get("epochs")
+        if epochs is not None and v > 0 and v >= epochs:
+            raise ValueError(f"warmup_epochs ({v}) must be below epochs ({epochs})")
+        return v
 
 
 class JobSpec(_Strict):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Query, Request, UploadFile
+from fastapi import APIRouter, File, Query, UploadFile
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
@@ -15,17 +15,16 @@ from ..deps import SessionDep, SettingsDep, TenantDep
 from ..errors import not_found
 from ..pagination import page
 from ..schemas import DatasetOut, Page
-from ..uploads import check_multipart, inspect_in_child, safe_filename, save_upload
+from ..uploads import inspect_in_child, safe_filename, save_upload
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
 @router.post("", status_code=201, response_model=DatasetOut, summary="Upload a dataset (zip, tar.gz or npz)")
 async def upload_dataset(
-    request: Request, session: SessionDep, settings: SettingsDep, tenant: TenantDep,
+    session: SessionDep, settings: SettingsDep, tenant: TenantDep,
     file: Annotated[UploadFile, File(description="ImageFolder .zip/.tar.gz or .npz (x, y, x_val, ...)")],
 ) -> Dataset:
-    check_multipart(request, settings.max_dataset_bytes)
     path, size, digest = await save_upload(file, settings.tmp_dir, settings.max_dataset_bytes)
     try:
         info = await run_in_threadpool(inspect_in_child, "dataset", {
@@ -52,8 +51,7 @@ async def upload_dataset(
 @router.get("", response_model=Page[DatasetOut], summary="List datasets, newest first")
 def list_datasets(session: SessionDep, tenant: TenantDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
                   after: str | None = None) -> dict:
-    items, cursor = page(session, select(Dataset).where(Dataset.tenant_id == tenant.id), Dataset,
-                         limit=limit, after=after)
+    items, cursor = page(session, select(Dataset), Dataset, tenant_id=tenant.id, limit=limit, after=after)
     return {"items": items, "next_cursor": cursor}
 
 

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
@@ -15,7 +16,7 @@ from app.models import Artifact, Dataset, Job, JobEvent, Teacher, new_id, utcnow
 from app.queue import default_queue, enqueue
 from app.storage import get_store
 from worker.distill.errors import StudentError
-from worker.distill.spec import InputSpec
+from worker.distill.spec import InputSpec, config_error_from
 from worker.distill.students import check_input_size, model_info
 
 from ..deps import SessionDep, SettingsDep, TenantDep
@@ -53,8 +54,9 @@ def _check_request(session: SessionDep, tenant_id: str, body: JobCreate) -> tupl
     except StudentError as e:
         raise ApiError(422, e.code, e.message, "student.arch" if e.code == "unknown_architecture" else
                        "student.input_size") from None
-    except ValueError as e:
-        raise ApiError(422, "invalid_input_spec", str(e).splitlines()[-1], "student") from None
+    except ValidationError as e:
+        err = config_error_from(e, prefix="student")
+        raise ApiError(422, "invalid_input_spec", err.message, err.field) from None
     if body.hyperparameters.class_weights not in (None, "auto") and \
             len(body.hyperparameters.class_weights) != dataset.num_classes:
         raise ApiError(422, "invalid_hyperparameter", f"class_weights has {len(body.hyperparameters.class_weights)}"
@@ -74,6 +76,7 @@ async def create_job(
         existing = session.scalar(select(Job).where(Job.tenant_id == tenant.id,
                                                     Job.idempotency_key == idempotency_key))
         if existing is not None:
+            response.headers["Location"] = f"/v1/jobs/{existing.id}"
             return _replay(existing, digest)
     _check_request(session, tenant.id, body)
     queue = body.queue or await run_in_threadpool(default_queue, settings)
@@ -90,6 +93,7 @@ async def create_job(
                                                     Job.idempotency_key == idempotency_key))
         if existing is None:
             raise
+        response.headers["Location"] = f"/v1/jobs/{existing.id}"
         return _replay(existing, digest)
     if await run_in_threadpool(enqueue, settings, job.id, job.queue):
         job.enqueued_at = utcnow()
@@ -108,10 +112,10 @@ def _replay(job: Job, digest: str) -> dict[str, Any]:
 @router.get("", response_model=Page[JobOut], summary="List jobs, newest first")
 def list_jobs(session: SessionDep, tenant: TenantDep, status: JobStatus | None = None,
               limit: Annotated[int, Query(ge=1, le=200)] = 50, after: str | None = None) -> dict[str, Any]:
-    query = select(Job).where(Job.tenant_id == tenant.id)
+    query = select(Job)
     if status is not None:
         query = query.where(Job.status == status)
-    items, cursor = page(session, query, Job, limit=limit, after=after)
+    items, cursor = page(session, query, Job, tenant_id=tenant.id, limit=limit, after=after)
     return {"items": [job_view(j) for j in items], "next_cursor": cursor}
 
 

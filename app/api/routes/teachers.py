@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, Query, UploadFile
 from pydantic import ValidationError
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
@@ -17,14 +17,14 @@ from ..deps import SessionDep, SettingsDep, TenantDep
 from ..errors import ApiError, not_found
 from ..pagination import page
 from ..schemas import Page, TeacherOut
-from ..uploads import check_multipart, inspect_in_child, safe_filename, save_upload
+from ..uploads import inspect_in_child, safe_filename, save_upload
 
 router = APIRouter(prefix="/v1/teachers", tags=["teachers"])
 
 
 @router.post("", status_code=201, response_model=TeacherOut, summary="Upload a teacher checkpoint")
 async def upload_teacher(
-    request: Request, session: SessionDep, settings: SettingsDep, tenant: TenantDep,
+    session: SessionDep, settings: SettingsDep, tenant: TenantDep,
     file: Annotated[UploadFile, File(description="safetensors, .pt state dict, ONNX or TorchScript")],
     arch: Annotated[str | None, Form(description="architecture name; required for state dicts")] = None,
     num_classes: Annotated[int | None, Form(ge=2)] = None,
@@ -34,7 +34,6 @@ async def upload_teacher(
     mean: Annotated[str | None, Form(description="comma-separated floats, one per channel")] = None,
     std: Annotated[str | None, Form(description="comma-separated floats, one per channel")] = None,
 ) -> Teacher:
-    check_multipart(request, settings.max_teacher_bytes)
     try:
         spec_input = InputSpec(channels=input_channels, size=input_size, mean=mean, std=std)
     except ValidationError as e:
@@ -65,8 +64,7 @@ async def upload_teacher(
 @router.get("", response_model=Page[TeacherOut], summary="List teachers, newest first")
 def list_teachers(session: SessionDep, tenant: TenantDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
                   after: str | None = None) -> dict:
-    items, cursor = page(session, select(Teacher).where(Teacher.tenant_id == tenant.id), Teacher,
-                         limit=limit, after=after)
+    items, cursor = page(session, select(Teacher), Teacher, tenant_id=tenant.id, limit=limit, after=after)
     return {"items": items, "next_cursor": cursor}
 
 

@@ -1,0 +1,230 @@
+"""A small typed Python client for the kdistill REST API (v1), on httpx.
+
+    from app.client import Client
+
+    with Client("http://127.0.0.1:8000", api_key=None) as kd:
+        teacher = kd.upload_teacher("teacher.safetensors", arch="resnet20", num_classes=10,
+                                    input_channels=1, input_size=8, mean=[0.3], std=[0.37])
+        dataset = kd.upload_dataset("digits.npz")
+        job = kd.create_job(teacher["id"], dataset["id"], "resnet8", hyperparameters={"epochs": 5})
+        job = kd.wait(job["id"], timeout=600)
+        kd.download(job["id"], "student.onnx", "out/")
+
+Every error the server answers is raised as `KdistillError(status, code, message, field)`; a server that
+cannot be reached is `KdistillError(0, "unreachable", ...)`. Uploads and downloads stream from and to
+disk; no file is read into memory whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL = ("succeeded", "failed", "cancelled")
+CHUNK = 1 << 20
+
+
+class KdistillError(Exception):
+    """An error answer of the API: HTTP `status`, stable machine-readable `code`, human `message`, `field`."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 body: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{code}: {message}" + (f" (field {field})" if field else ""))
+        self.status, self.code, self.message, self.field = status, code, message, field
+        self.body = body or {}
+
+
+def _floats(v: Sequence[float] | str | float | None) -> str | None:
+    """mean/std as the API wants them: comma-separated floats."""
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, int | float):
+        return str(float(v))
+    return ",".join(str(float(x)) for x in v)
+
+
+class Client:
+    """One connection pool to one kdistill server; use as a context manager or call `close()`."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 60.0,
+                 *, transport: httpx.BaseTransport | None = None) -> None:
+        headers = {"User-Agent": "kdistill-client/1"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- plumbing --------------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as e:
+            raise self._unreachable(e) from e
+        _raise_for(response)
+        return response
+
+    def _unreachable(self, e: httpx.TransportError) -> KdistillError:
+        return KdistillError(0, "unreachable", f"cannot reach {self.base_url} ({type(e).__name__}: {e}); "
+                             "is `kdistill serve` running there?")
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._request(method, path, **kwargs).json()
+
+    def _pages(self, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        params = {k: v for k, v in params.items() if v is not None}
+        while True:
+            page = self._json("GET", path, params=params)
+            yield from page["items"]
+            if not page.get("next_cursor"):
+                return
+            params["after"] = page["next_cursor"]
+
+    def _upload(self, path: str, file: str | os.PathLike[str], data: dict[str, Any]) -> dict[str, Any]:
+        p = Path(file)
+        with p.open("rb") as f:  # httpx streams the open file in chunks
+            return self._json("POST", path, files={"file": (p.name, f, "application/octet-stream")},
+                              data={k: str(v) for k, v in data.items() if v is not None})
+
+    # -- health ----------------------------------------------------------------------------------------
+    def healthz(self) -> dict[str, Any]:
+        return self._json("GET", "/healthz")
+
+    def readyz(self) -> dict[str, Any]:
+        return self._json("GET", "/readyz")
+
+    # -- teachers and datasets -------------------------------------------------------------------------
+    def upload_teacher(self, path: str | os.PathLike[str], *, arch: str | None = None,
+                       num_classes: int | None = None, input_channels: int = 3, input_size: int = 224,
+                       mean: Sequence[float] | str | float | None = None,
+                       std: Sequence[float] | str | float | None = None, format: str | None = None) -> dict[str, Any]:
+        """Upload a checkpoint (safetensors / .pt state dict with `arch`, ONNX, TorchScript)."""
+        return self._upload("/v1/teachers", path, {
+            "arch": arch, "num_classes": num_classes, "format": format, "input_channels": input_channels,
+            "input_size": input_size, "mean": _floats(mean), "std": _floats(std)})
+
+    def upload_dataset(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Upload an ImageFolder .zip / .tar.gz or an .npz (x, y, optional x_val, y_val, x_unlabeled)."""
+        return self._upload("/v1/datasets", path, {})
+
+    def get_teacher(self, teacher_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/teachers/{teacher_id}")
+
+    def get_dataset(self, dataset_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/datasets/{dataset_id}")
+
+    def list_teachers(self, limit: int = 50) -> Iterator[dict[str, Any]]:
+        """Every teacher, newest first, fetched `limit` per request."""
+        return self._pages("/v1/teachers", {"limit": limit})
+
+    def list_datasets(self, limit: int = 50) -> Iterator[dict[str, Any]]:
+        """Every dataset, newest first, fetched `limit` per request."""
+        return self._pages("/v1/datasets", {"limit": limit})
+
+    # -- jobs ------------------------------------------------------------------------------------------
+    def create_job(self, teacher_id: str, dataset_id: str, student_arch: str, *,
+                   hyperparameters: dict[str, Any] | None = None, export_formats: Sequence[str] | None = None,
+                   baseline: bool = False, idempotency_key: str | None = None, **extra: Any) -> dict[str, Any]:
+        """Create a job (202). `extra` goes into the body as is (`data`, `queue`, `max_run_seconds`, ...);
+        `student={...}` adds student options (`input_size`, `mean`, `std`) to the arch."""
+        body: dict[str, Any] = {"teacher_id": teacher_id, "dataset_id": dataset_id,
+                                "student": {**extra.pop("student", {}), "arch": student_arch}, "baseline": baseline}
+        if hyperparameters is not None:
+            body["hyperparameters"] = hyperparameters
+        if export_formats is not None:
+            body["export_formats"] = list(export_formats)
+        body.update(extra)
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return self._json("POST", "/v1/jobs", json=body, headers=headers)
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/jobs/{job_id}")
+
+    def list_jobs(self, status: str | None = None, limit: int = 50) -> Iterator[dict[str, Any]]:
+        """Every job (of one `status` if given), newest first, fetched `limit` per request."""
+        return self._pages("/v1/jobs", {"status": status, "limit": limit})
+
+    def events(self, job_id: str, after: int | None = None) -> list[dict[str, Any]]:
+        """The job's timeline, oldest first (after event id `after` if given)."""
+        return list(self._pages(f"/v1/jobs/{job_id}/events", {"after": after, "limit": 1000}))
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/v1/jobs/{job_id}/cancel")
+
+    def wait(self, job_id: str, *, timeout: float | None = None, poll: float = 1.0,
+             on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Poll until the job is succeeded, failed or cancelled and return it; `on_progress(job)` after
+        each poll. Raises TimeoutError after `timeout` seconds (None: no limit)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get_job(job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if job["status"] in TERMINAL:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout} s")
+            time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
+
+    def download(self, job_id: str, name: str, dest: str | os.PathLike[str] = ".") -> Path:
+        """Stream artifact `name` to `dest` (a folder, or a file path) and check its sha256 against the
+        ETag; a mismatch deletes the partial file and raises KdistillError(code="checksum_mismatch")."""
+        dest = Path(dest)
+        target = dest / name if dest.is_dir() else dest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(target.name + ".part")
+        digest = hashlib.sha256()
+        try:
+            with self._http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}") as response:
+                if response.is_error:
+                    response.read()
+                    _raise_for(response)
+                expected = (response.headers.get("x-checksum-sha256") or response.headers.get("etag", "")) \
+                    .strip().removeprefix("W/").strip('"')
+                with part.open("wb") as f:
+                    for chunk in response.iter_bytes(CHUNK):
+                        digest.update(chunk)
+                        f.write(chunk)
+        except httpx.TransportError as e:
+            part.unlink(missing_ok=True)
+            raise self._unreachable(e) from e
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        if expected and digest.hexdigest() != expected:
+            part.unlink(missing_ok=True)
+            raise KdistillError(response.status_code, "checksum_mismatch", f"{name} arrived with sha256 "
+                                f"{digest.hexdigest()}, the server announced {expected}; download it again")
+        os.replace(part, target)
+        return target
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if not response.is_error:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and "code" in body:
+        raise KdistillError(response.status_code, str(body["code"]), str(body.get("message", "")),
+                            body.get("field"), body)
+    text = response.text[:300] if response.text else response.reason_phrase
+    raise KdistillError(response.status_code, "http_error", f"HTTP {response.status_code}: {text}")

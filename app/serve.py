@@ -1,0 +1,333 @@
+"""`kdistill serve`: the whole service on one machine, with no external service.
+
+Runs the database migrations, then the API (uvicorn, in a thread of this process) and one local Celery
+worker (a child process, `--pool=solo`), with SQLite in the data folder and Celery's `filesystem://`
+transport unless KDISTILL_DATABASE_URL / KDISTILL_BROKER_URL say otherwise. The API and the worker see the
+same settings: this process passes them on as KDISTILL_* environment variables.
+
+The main thread owns the worker: it restarts a worker that dies (a few times), and on SIGINT or SIGTERM
+stops the API and the worker: SIGTERM (Celery's warm shutdown: an idle worker is gone in seconds), then,
+if a job still keeps it busy after WARM_STOP seconds, SIGKILL of its process group. (Celery's cold shutdown,
+SIGQUIT, is no use here: with `--pool=solo` it raises inside the running task, which then ends the job as
+failed.) The worker is in its own session, so a terminal's Ctrl-C reaches only this process, and it is
+killed if this process dies without cleaning up (PR_SET_PDEATHSIG); the worker's training process dies with
+the worker (the supervisor sets the same on it).
+
+A job that was running when its worker was stopped this way stays `running` in the database with a heartbeat
+that goes stale; at its next start serve sends such jobs of its own worker to the broker again, due once the
+heartbeat is stale, and the supervisor then takes the job over and resumes it from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.settings import Settings
+
+log = logging.getLogger("kdistill.serve")
+
+WORKER_RESTARTS = 3  # restarts allowed within RESTART_WINDOW seconds before serve gives up
+RESTART_WINDOW = 120.0
+WARM_STOP = 10.0  # seconds for Celery's warm shutdown before SIGKILL (a running job does not end by itself)
+
+
+class ServeError(Exception):
+    """A reason `serve` cannot start, worded for the user."""
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_auth(host: str, flag: bool | None, env: dict[str, str] | None = None) -> str:
+    """`required` or `disabled`: the flag if given, else KDISTILL_AUTH if set, else off only on loopback."""
+    if flag is not None:
+        return "required" if flag else "disabled"
+    env_value = (os.environ if env is None else env).get("KDISTILL_AUTH", "").strip().lower()
+    if env_value in ("required", "disabled"):
+        return env_value
+    return "disabled" if is_loopback(host) else "required"
+
+
+def default_queue() -> str:
+    """KDISTILL_DEFAULT_QUEUE if set; else `gpu` where PyTorch sees a GPU, `cpu` where it does not."""
+    if os.environ.get("KDISTILL_DEFAULT_QUEUE"):
+        return os.environ["KDISTILL_DEFAULT_QUEUE"]
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def worker_name() -> str:
+    """The local worker's Celery hostname, which the supervisor records as the job's `worker`."""
+    return f"kdistill@{socket.gethostname()}"
+
+
+def worker_command(queue: str, pidfile: Path) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=solo", "--concurrency=1",
+            "-Q", queue, "--loglevel=INFO", "--hostname", worker_name(), "--pidfile", str(pidfile),
+            "--without-gossip", "--without-mingle", "--without-heartbeat"]
+
+
+def _die_with_parent() -> None:
+    # Linux only: if serve dies without stopping the worker (SIGKILL, a crash), the worker is killed too
+    # instead of living on as an orphan; its training process dies with it.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _running_pid(pidfile: Path) -> int | None:
+    """The pid in a worker pidfile if that process still runs a celery worker."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if b"celery" in cmdline else None
+
+
+@dataclass
+class WorkerProcess:
+    """The one local Celery worker: started, watched, restarted and stopped by serve's main thread."""
+
+    command: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    starts: list[float] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.starts.append(time.monotonic())
+        self.proc = subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
+        log.info("worker started (pid %d): %s", self.proc.pid, " ".join(self.command[1:]))
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def exited(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def may_restart(self) -> bool:
+        now = time.monotonic()
+        return len([t for t in self.starts if now - t < RESTART_WINDOW]) <= WORKER_RESTARTS
+
+    def stop(self, warm: float = WARM_STOP) -> None:
+        """Warm shutdown; SIGKILL of its process group if a job still keeps it busy after `warm` seconds."""
+        proc = self.proc
+        if proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, warm), (signal.SIGKILL, 5.0)):
+            if proc.poll() is not None:
+                break
+            if sig == signal.SIGKILL and warm > 0:
+                log.warning("the worker is still busy after %.0f s; killing it. A running job resumes from its "
+                            "last checkpoint at the next `kdistill serve`", warm)
+            self._signal(sig)
+            try:
+                proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+            except KeyboardInterrupt:  # a second Ctrl-C: stop now
+                self._signal(signal.SIGKILL)
+                proc.wait(timeout=5)
+                break
+        # Anything it left in its process group (it should have left nothing).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
+
+class _Stop:
+    """Set by SIGINT/SIGTERM in the main thread; a second signal marks it forced."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.forced = False
+        self.signal: int | None = None
+
+    def handler(self, sig: int, _frame: FrameType | None) -> None:
+        if self.event.is_set():
+            self.forced = True
+            raise KeyboardInterrupt
+        self.signal = sig
+        self.event.set()
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: Path = Path("kdistill-data"),
+          auth: bool | None = None, log_level: str = "info") -> int:
+    """Run the API and one worker until SIGINT/SIGTERM; return the exit status."""
+    import uvicorn
+
+    from app.db import session_scope
+    from app.main import create_app
+    from app.migrate import upgrade
+    from app.queue import requeue_pending
+    from app.settings import Settings, get_settings
+
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    data_dir = data_dir.expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    auth_mode = resolve_auth(host, auth)
+    queue = default_queue()
+    # One set of settings for the API (this process) and the worker (its environment).
+    passed = {"KDISTILL_DATA_DIR": str(data_dir), "KDISTILL_AUTH": auth_mode, "KDISTILL_DEFAULT_QUEUE": queue}
+    os.environ.update(passed)
+    get_settings.cache_clear()
+    settings = Settings()
+    pidfile = data_dir / "worker.pid"
+    other = _running_pid(pidfile)
+    if other is not None:
+        raise ServeError(f"another kdistill worker (pid {other}) already serves {data_dir}; stop that "
+                         "`kdistill serve` first, or pick another --data-dir")
+
+    db_url = settings.resolved_database_url
+    _say(f"kdistill: migrating the database ({_redact(db_url)})")
+    upgrade(db_url)
+
+    config = uvicorn.Config(create_app(settings), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=5, server_header=False)
+    try:
+        sock = config.bind_socket()
+    except SystemExit:
+        raise ServeError(f"cannot listen on {host}:{port} (in use? try another --port)") from None
+    server = uvicorn.Server(config)
+
+    url_host = f"[{host}]" if ":" in host else host
+    url = f"http://{url_host}:{port}"
+    _banner(url, data_dir, settings, auth_mode, host, queue, db_url)
+
+    stop = _Stop()
+    previous = {sig: signal.signal(sig, stop.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    worker = WorkerProcess(worker_command(queue, pidfile), env=dict(os.environ))
+    status = 0
+    api = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="api", daemon=True)
+    try:
+        worker.start()
+        api.start()
+        with session_scope(db_url) as s:
+            if (n := requeue_pending(s, settings, older_than=0)):
+                _say(f"kdistill: {n} queued job(s) had never reached the broker; sent them again")
+        if (n := resume_interrupted(settings)):
+            _say(f"kdistill: {n} job(s) were running when the worker last stopped; they resume from their last "
+                 f"checkpoint within {settings.stale_after:.0f} s")
+        while not stop.event.wait(0.5):
+            if not api.is_alive():
+                _say("kdistill: the API server stopped; shutting down")
+                status = 1
+                break
+            code = worker.exited()
+            if code is not None:
+                if not worker.may_restart():
+                    _say(f"kdistill: the worker exited with status {code} {WORKER_RESTARTS + 1} times in "
+                         f"{RESTART_WINDOW:.0f} s; shutting down (see its log above)")
+                    status = 1
+                    break
+                _say(f"kdistill: the worker exited with status {code}; restarting it")
+                time.sleep(1.0)
+                worker.start()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _say("kdistill: stopping the API and the worker...")
+        server.should_exit = True
+        try:
+            worker.stop(warm=0.0 if stop.forced else WARM_STOP)
+        except KeyboardInterrupt:
+            worker.stop(warm=0.0)
+        api.join(timeout=10)
+        sock.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _say("kdistill: stopped")
+    return status
+
+
+def resume_interrupted(settings: Settings) -> int:
+    """Send again the jobs left `running` by this machine's local worker (killed, or stopped by force):
+    each message is due when the job's heartbeat is stale, so that the supervisor's claim takes it over."""
+    from sqlalchemy import select
+
+    from app.db import session_scope
+    from app.models import Job, utcnow
+    from app.queue import TASK_NAME
+    from worker.celery_app import get_celery
+
+    with session_scope(settings.resolved_database_url) as s:
+        jobs = [(j.id, j.queue, j.heartbeat_at) for j in s.scalars(
+            select(Job).where(Job.status == "running", Job.worker == worker_name()))]
+    now = utcnow()
+    for job_id, queue, beat in jobs:
+        due = 1.0 if beat is None else max(1.0, (beat - now).total_seconds() + settings.stale_after + 1.0)
+        try:
+            get_celery(settings).send_task(TASK_NAME, args=[job_id], queue=queue, countdown=due)
+        except Exception:  # the broker is down: the next start tries again
+            log.exception("could not send interrupted job %s again", job_id)
+    return len(jobs)
+
+
+def _banner(url: str, data_dir: Path, settings: Settings, auth_mode: str, host: str, queue: str, db_url: str) -> None:
+    lines = [
+        "",
+        f"  kdistill is serving at {url}",
+        f"  API docs:   {url}/docs",
+        f"  data dir:   {data_dir}",
+        f"  database:   {_redact(db_url)}",
+        f"  broker:     {_redact(settings.resolved_broker_url)}"
+        + (f" ({settings.broker_dir.resolve()})" if settings.resolved_broker_url.startswith("filesystem") else ""),
+        f"  worker:     1 local Celery worker on queue {queue!r}",
+    ]
+    if auth_mode == "disabled" and is_loopback(host):
+        lines.append("  auth:       OFF - API keys are not needed: this server listens on loopback only, so only "
+                     "this machine can call it (pass --auth to require keys)")
+    elif auth_mode == "disabled":
+        lines += ["",
+                  "  " + "!" * 96,
+                  f"  !! WARNING: API keys are switched OFF and the API listens on {host}, reachable from other  !!",
+                  "  !! machines: ANYONE who can reach this port can upload models and run jobs on this machine. !!",
+                  "  " + "!" * 96]
+    else:
+        lines.append("  auth:       API keys required (Authorization: Bearer <key>); create one with")
+        lines.append(f"              kdistill keys create --tenant NAME --data-dir {data_dir}")
+    lines.append("  Press Ctrl-C to stop.")
+    _say("\n".join(lines) + "\n")
+
+
+def _redact(url: str) -> str:
+    """The URL without its password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    return url
