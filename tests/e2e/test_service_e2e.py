@@ -171,3 +171,15 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_resumes_from_its_checkp
         assert done["metrics"]["resumed_from_epoch"] >= 2
         epochs = [e["data"]["epoch"] for e in events if e["kind"] == "epoch"]
         assert sorted(set(epochs)) == list(range(1, 11))
+
+
+def test_a_job_past_its_maximum_run_time_is_stopped_and_failed(stack, uploaded):
+    teacher, dataset = uploaded
+    with stack.client() as c:
+        r = c.post("/v1/jobs", json={"teacher_id": teacher["id"], "dataset_id": dataset["id"],
+                                     "student": {"arch": "resnet8"}, "max_run_seconds": 6,
+                                     "hyperparameters": {"epochs": 500, "batch_size": 16, "device": "cpu"}})
+        assert r.status_code == 202, r.text
+        done = stack.wait_job(r.json()["id"], lambda j: j["status"] in TERMINAL, timeout=120)
+        assert done["status"] == "failed" and done["error"]["code"] == "job_timeout", done
+        assert "6 s" in done["error"]["message"]

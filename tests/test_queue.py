@@ -1,0 +1,55 @@
+"""The database is the truth: a queued job whose message never reached the broker is sent again."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import redis
+from services import fresh_postgres, fresh_redis
+
+from app.db import session_scope
+from app.keys import get_or_create_tenant
+from app.migrate import upgrade
+from app.models import Dataset, Job, Teacher, WorkerRecord, utcnow
+from app.queue import default_queue, requeue_pending
+from app.settings import Settings
+
+
+def test_requeue_sends_lost_jobs_once_and_routes_by_live_workers(tmp_path):
+    with fresh_postgres() as db, fresh_redis(db=8) as broker:
+        upgrade(db)
+        settings = Settings(database_url=db, broker_url=broker, data_dir=tmp_path, default_queue="fallback")
+        with session_scope(db) as s:
+            tenant = get_or_create_tenant(s, "t")
+            s.add(Teacher(id="tch_1", tenant_id=tenant.id, filename="t", format="onnx", arch=None, num_classes=2,
+                          input_channels=1, input_size=[8, 8], mean=[0.5], std=[0.5], sha256="0" * 64,
+                          size_bytes=1, storage_key="k"))
+            s.add(Dataset(id="ds_1", tenant_id=tenant.id, filename="d", format="npz", classes=["a", "b"],
+                          num_classes=2, num_train=4, num_val=2, num_unlabeled=0, channels=1, image_size=[8, 8],
+                          val_source="split", sha256="0" * 64, size_bytes=1, storage_key="k"))
+            s.flush()
+            old = utcnow() - timedelta(minutes=5)
+            for i, enqueued in enumerate((None, old)):
+                s.add(Job(id=f"job_{i}", tenant_id=tenant.id, teacher_id="tch_1", dataset_id="ds_1", queue="lost",
+                          request={}, request_hash="x", created_at=old, enqueued_at=enqueued))
+        with session_scope(db) as s:
+            assert requeue_pending(s, settings) == 1
+        with session_scope(db) as s:
+            assert requeue_pending(s, settings) == 0  # sent once, not every sweep
+            assert s.get(Job, "job_0").enqueued_at is not None
+        r = redis.Redis.from_url(broker)
+        messages = r.lrange("lost", 0, -1)
+        assert len(messages) == 1 and json.loads(messages[0])["headers"]["argsrepr"] == "['job_0']"
+
+        assert default_queue(settings) == "fallback"
+        with session_scope(db) as s:
+            s.add(WorkerRecord(name="cpu@a", queues=["cpu"]))
+        assert default_queue(settings) == "cpu"
+        with session_scope(db) as s:
+            s.add(WorkerRecord(name="gpu0@b", queues=["gpu"]))
+            s.add(WorkerRecord(name="gpu1@c", queues=["gpu"], heartbeat_at=utcnow() - timedelta(hours=1)))
+        assert default_queue(settings) == "gpu"
+        with session_scope(db) as s:
+            s.get(WorkerRecord, "gpu0@b").heartbeat_at = utcnow() - timedelta(hours=1)
+        assert default_queue(settings) == "cpu"  # a GPU worker that stopped beating does not count
