@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Distill small, fast student models from large teachers.")
@@ -81,7 +82,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 Url = Annotated[str, typer.Option("--url", envvar="KDISTILL_URL", help="the kdistill server")]
 ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="KDISTILL_API_KEY", show_default=False,
                                             help="API key (where the server requires keys)")]
-TERMINAL = ("succeeded", "failed", "cancelled")
+QUEUED_HINT = 60.0  # seconds queued before the watch suggests why
 
 
 @cli.command()
@@ -91,7 +92,7 @@ def serve(
     data_dir: Path = typer.Option(Path("kdistill-data"), "--data-dir", envvar="KDISTILL_DATA_DIR",
                                   help="database, broker folder, uploads and artifacts"),
     auth: bool | None = typer.Option(None, "--auth/--no-auth", show_default=False,
-                                     help="require API keys [default: off on a loopback host, on otherwise]"),
+                                     help="require API keys (default: off on a loopback host, on otherwise)"),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
 ) -> None:
     """Run the API and one local worker on this machine (SQLite, filesystem broker; nothing else needed)."""
@@ -106,14 +107,33 @@ def serve(
     raise typer.Exit(code)
 
 
+@cli.command()
+def worker(
+    gpus: str = typer.Option("auto", help='"auto" (every visible GPU, else the CPU), "none", or ids such as "0,1"'),
+    queues: str | None = typer.Option(None, help="comma-separated queues (default: gpu on GPUs, cpu on the CPU)"),
+    name: str = typer.Option("", help="prefix of the Celery node names (unique among workers of one host)"),
+    loglevel: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR"),
+) -> None:
+    """Run this machine's Celery workers for a shared deployment: one per GPU (or one on the CPU), each
+    running one job at a time, with the KDISTILL_* settings of the API (database, broker, store)."""
+    from app.workers import plan_workers, run_workers
+
+    plans = plan_workers(gpus, [q for q in queues.split(",") if q.strip()] if queues else None, name)
+    for plan in plans:
+        console.print(f"worker [bold]{plan.name}[/]: queues {', '.join(plan.queues)}, "
+                      f"CUDA_VISIBLE_DEVICES={plan.env.get('CUDA_VISIBLE_DEVICES')!r}")
+    raise typer.Exit(run_workers(plans, loglevel))
+
+
 @keys_cli.command("create")
 def keys_create(
     tenant: str = typer.Option(..., help="the tenant the key acts for (created if new)"),
     name: str = typer.Option("", help="a label to recognise the key by"),
     data_dir: Path | None = typer.Option(None, "--data-dir", show_default=False,
-                                         help="the data dir of `kdistill serve` [default: KDISTILL_DATA_DIR]"),
+                                         help="data dir of `kdistill serve` "
+                                              "(default: KDISTILL_DATA_DIR, else kdistill-data)"),
     database_url: str | None = typer.Option(None, "--database-url", show_default=False,
-                                            help="[default: KDISTILL_DATABASE_URL, else SQLite in the data dir]"),
+                                            help="(default: KDISTILL_DATABASE_URL, else SQLite in the data dir)"),
 ) -> None:
     """Create an API key and print it (only it, on stdout: KEY=$(kdistill keys create --tenant t))."""
     from app.db import session_scope
@@ -191,7 +211,7 @@ def _event_line(event: dict[str, Any]) -> str:
 
 def _watch(client: Any, job_id: str, timeout: float | None) -> dict[str, Any]:
     """A live progress bar (and the job's events as they come) until the job ends."""
-    seen: dict[str, Any] = {"after": None}
+    seen: dict[str, Any] = {"after": None, "since": time.monotonic(), "hinted": False}
     columns = (TextColumn("[bold]{task.description:<10}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                TextColumn("{task.fields[info]}"), TextColumn("[cyan]{task.fields[eta]}"))
     with Progress(*columns, console=console) as bar:
@@ -199,8 +219,12 @@ def _watch(client: Any, job_id: str, timeout: float | None) -> dict[str, Any]:
 
         def show(job: dict[str, Any]) -> None:
             for event in client.events(job_id, after=seen["after"]):
-                bar.console.print(_event_line(event))
+                bar.console.print(_event_line(event), soft_wrap=True)
                 seen["after"] = event["id"]
+            if job["status"] == "queued" and not seen["hinted"] and time.monotonic() - seen["since"] > QUEUED_HINT:
+                seen["hinted"] = True
+                bar.console.print(f"[yellow]still queued after {QUEUED_HINT:.0f} s[/]: the workers may be busy, or "
+                                  f"none serves queue {job['queue']!r} (`kdistill serve` runs one; `kdistill worker`)")
             p = job.get("progress") or {}
             info = ""
             if p.get("epochs"):
@@ -238,7 +262,8 @@ def _report(job: dict[str, Any], out: Console) -> None:
             table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
         out.print(table)
     for a in job.get("artifacts") or []:
-        out.print(f"  {a['name']:28s} {a['format']:12s} {a['size_bytes']:>12,} bytes  sha256 {a['sha256'][:12]}…")
+        out.print(f"  {a['name']:28s} {a['format']:12s} {a['size_bytes']:>12,} bytes  sha256 {a['sha256'][:12]}…",
+                  soft_wrap=True)
 
 
 @cli.command()
@@ -263,7 +288,7 @@ def submit(
     hp: list[str] = typer.Option([], "--hp", help="any other hyperparameter, KEY=VALUE (repeatable)"),
     baseline: bool = typer.Option(False, "--baseline", help="also train the student on labels alone"),
     export: str = typer.Option("onnx,torchscript", "--export", help="comma-separated: onnx, torchscript, torch_export"),
-    queue: str | None = typer.Option(None, "--queue", help="worker queue [default: the server's]"),
+    queue: str | None = typer.Option(None, "--queue", help="worker queue (default: the server's)"),
     idempotency_key: str | None = typer.Option(None, "--idempotency-key"),
     wait: bool = typer.Option(False, "--wait", help="watch the job until it ends"),
     timeout: float | None = typer.Option(None, "--timeout", help="with --wait: give up after this many seconds"),
@@ -337,7 +362,7 @@ def status(
             job = _watch(client, job_id, timeout) if watch else client.get_job(job_id)
             if events and not watch:
                 for event in client.events(job_id):
-                    out.print(_event_line(event))
+                    out.print(_event_line(event), soft_wrap=True)
     except (KdistillError, TimeoutError) as e:
         _fail(e)
     except KeyboardInterrupt:
@@ -362,14 +387,15 @@ def jobs(
 
     from app.client import KdistillError
 
-    table = Table("id", "status", "student", "progress", "student acc", "created")
+    table = Table("status", "student", "progress", "student acc", "created")
+    table.columns.insert(0, Column("id", no_wrap=True, min_width=28))
     try:
         with _client(url, api_key) as client:
             for job in islice(client.list_jobs(status=job_status, limit=min(limit, 200)), limit):
                 acc = (job.get("metrics") or {}).get("student_accuracy")
                 table.add_row(job["id"], job["status"], job["request"]["student"]["arch"],
                               f"{100 * ((job.get('progress') or {}).get('fraction') or 0):.0f}%",
-                              f"{acc:.4f}" if isinstance(acc, float) else "", str(job["created_at"]))
+                              f"{acc:.4f}" if isinstance(acc, float) else "", str(job["created_at"])[:19])
     except KdistillError as e:
         _fail(e)
     Console().print(table)
@@ -391,8 +417,8 @@ def cancel(job_id: str = typer.Argument(...), url: Url = DEFAULT_URL, api_key: A
 @cli.command()
 def download(
     job_id: str = typer.Argument(...),
-    dest: Path | None = typer.Option(None, "--dest", help="folder [default: ./<job id>]"),
-    names: list[str] = typer.Option([], "--name", help="artifact name (repeatable) [default: all]"),
+    dest: Path | None = typer.Option(None, "--dest", help="folder (default: ./<job id>)"),
+    names: list[str] = typer.Option([], "--name", help="artifact name (repeatable) (default: all)"),
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:

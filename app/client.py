@@ -184,10 +184,13 @@ class Client:
             time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
 
     def download(self, job_id: str, name: str, dest: str | os.PathLike[str] = ".") -> Path:
-        """Stream artifact `name` to `dest` (a folder, or a file path) and check its sha256 against the
-        ETag; a mismatch deletes the partial file and raises KdistillError(code="checksum_mismatch")."""
-        dest = Path(dest)
-        target = dest / name if dest.is_dir() else dest
+        """Stream artifact `name` to `dest` and check its sha256 against the ETag; a mismatch deletes the
+        partial file and raises KdistillError(code="checksum_mismatch"). `dest` is a folder (created if
+        missing: an existing folder, a path ending in "/", or one without a file suffix), else the file."""
+        raw = os.fspath(dest)
+        dest = Path(raw)
+        as_folder = dest.is_dir() or raw.endswith(("/", os.sep)) or (not dest.exists() and not dest.suffix)
+        target = dest / name if as_folder else dest
         target.parent.mkdir(parents=True, exist_ok=True)
         part = target.with_name(target.name + ".part")
         digest = hashlib.sha256()

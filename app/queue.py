@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from .models import Job, utcnow
@@ -42,10 +42,17 @@ def default_queue(settings: Settings) -> str:
 
 
 def requeue_pending(session: Session, settings: Settings, older_than: float = 30.0) -> int:
-    """Send again the queued jobs whose message never reached the broker."""
-    cutoff = utcnow() - timedelta(seconds=older_than)
-    jobs = session.scalars(select(Job).where(Job.status == "queued", Job.enqueued_at.is_(None),
-                                             Job.created_at < cutoff)).all()
+    """Send again the queued jobs whose message never reached the broker, and the running jobs whose
+    worker went silent (a broker that does not redeliver, such as the filesystem transport, would
+    otherwise strand them); a worker claims such a job only once its heartbeat is stale."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=older_than)
+    stale = now - timedelta(seconds=settings.stale_after)
+    lost = select(Job).where(Job.status == "queued", Job.enqueued_at.is_(None), Job.created_at < cutoff)
+    # enqueued_at < heartbeat_at: not sent again since the worker last showed life, so one message each time
+    silent = select(Job).where(Job.status == "running", Job.heartbeat_at < stale,
+                               or_(Job.enqueued_at.is_(None), Job.enqueued_at < Job.heartbeat_at))
+    jobs = [*session.scalars(lost).all(), *session.scalars(silent).all()]
     sent = 0
     for job in jobs:
         if enqueue(settings, job.id, job.queue):

@@ -83,9 +83,9 @@ def worker_name() -> str:
     return f"kdistill@{socket.gethostname()}"
 
 
-def worker_command(queue: str, pidfile: Path) -> list[str]:
+def worker_command(queue: str, pidfile: Path, log_level: str = "info") -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=solo", "--concurrency=1",
-            "-Q", queue, "--loglevel=INFO", "--hostname", worker_name(), "--pidfile", str(pidfile),
+            "-Q", queue, f"--loglevel={log_level.upper()}", "--hostname", worker_name(), "--pidfile", str(pidfile),
             "--without-gossip", "--without-mingle", "--without-heartbeat"]
 
 
@@ -120,10 +120,6 @@ class WorkerProcess:
         self.proc = subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True,
                                      preexec_fn=_die_with_parent)
         log.info("worker started (pid %d): %s", self.proc.pid, " ".join(self.command[1:]))
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
 
     def exited(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
@@ -168,13 +164,11 @@ class _Stop:
     def __init__(self) -> None:
         self.event = threading.Event()
         self.forced = False
-        self.signal: int | None = None
 
     def handler(self, sig: int, _frame: FrameType | None) -> None:
         if self.event.is_set():
             self.forced = True
             raise KeyboardInterrupt
-        self.signal = sig
         self.event.set()
 
 
@@ -186,25 +180,39 @@ def _say(message: str) -> None:
 def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: Path = Path("kdistill-data"),
           auth: bool | None = None, log_level: str = "info") -> int:
     """Run the API and one worker until SIGINT/SIGTERM; return the exit status."""
+    # Handlers first: a signal during start-up stops serve once it has started nothing yet. (They also
+    # replace an inherited SIG_IGN: a shell starts background commands with SIGINT ignored.)
+    stop = _Stop()
+    previous = {sig: signal.signal(sig, stop.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _serve(stop, host, port, data_dir, auth, log_level)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(stop: _Stop, host: str, port: int, data_dir: Path, auth: bool | None, log_level: str) -> int:
     import uvicorn
 
     from app.db import session_scope
+    from app.logs import setup_logging
     from app.main import create_app
     from app.migrate import upgrade
     from app.queue import requeue_pending
     from app.settings import Settings, get_settings
 
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     data_dir = data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     auth_mode = resolve_auth(host, auth)
     queue = default_queue()
-    # One set of settings for the API (this process) and the worker (its environment).
-    passed = {"KDISTILL_DATA_DIR": str(data_dir), "KDISTILL_AUTH": auth_mode, "KDISTILL_DEFAULT_QUEUE": queue}
-    os.environ.update(passed)
+    # One set of settings for the API (this process) and the worker (its environment). A person reads
+    # this terminal: plain-text logs unless KDISTILL_LOG_FORMAT says otherwise.
+    os.environ.update({"KDISTILL_DATA_DIR": str(data_dir), "KDISTILL_AUTH": auth_mode,
+                       "KDISTILL_DEFAULT_QUEUE": queue, "KDISTILL_LOG_LEVEL": log_level.upper()})
+    os.environ.setdefault("KDISTILL_LOG_FORMAT", "text")
     get_settings.cache_clear()
     settings = Settings()
+    setup_logging(settings.log_format, settings.log_level)
     pidfile = data_dir / "worker.pid"
     other = _running_pid(pidfile)
     if other is not None:
@@ -221,26 +229,26 @@ def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: Path = Path("kdis
         sock = config.bind_socket()
     except SystemExit:
         raise ServeError(f"cannot listen on {host}:{port} (in use? try another --port)") from None
+    if stop.event.is_set():
+        sock.close()
+        _say("kdistill: stopped before it started")
+        return 0
     server = uvicorn.Server(config)
-
-    url_host = f"[{host}]" if ":" in host else host
-    url = f"http://{url_host}:{port}"
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     _banner(url, data_dir, settings, auth_mode, host, queue, db_url)
 
-    stop = _Stop()
-    previous = {sig: signal.signal(sig, stop.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    worker = WorkerProcess(worker_command(queue, pidfile), env=dict(os.environ))
-    status = 0
+    worker = WorkerProcess(worker_command(queue, pidfile, log_level), env=dict(os.environ))
     api = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="api", daemon=True)
+    status = 0
     try:
         worker.start()
-        api.start()
         with session_scope(db_url) as s:
             if (n := requeue_pending(s, settings, older_than=0)):
                 _say(f"kdistill: {n} queued job(s) had never reached the broker; sent them again")
         if (n := resume_interrupted(settings)):
             _say(f"kdistill: {n} job(s) were running when the worker last stopped; they resume from their last "
                  f"checkpoint within {settings.stale_after:.0f} s")
+        api.start()
         while not stop.event.wait(0.5):
             if not api.is_alive():
                 _say("kdistill: the API server stopped; shutting down")
@@ -256,6 +264,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: Path = Path("kdis
                 _say(f"kdistill: the worker exited with status {code}; restarting it")
                 time.sleep(1.0)
                 worker.start()
+                resume_interrupted(settings)  # the job it was running, if any
     except KeyboardInterrupt:
         pass
     finally:
@@ -267,8 +276,6 @@ def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: Path = Path("kdis
             worker.stop(warm=0.0)
         api.join(timeout=10)
         sock.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         _say("kdistill: stopped")
     return status
 
@@ -311,11 +318,11 @@ def _banner(url: str, data_dir: Path, settings: Settings, auth_mode: str, host: 
         lines.append("  auth:       OFF - API keys are not needed: this server listens on loopback only, so only "
                      "this machine can call it (pass --auth to require keys)")
     elif auth_mode == "disabled":
-        lines += ["",
-                  "  " + "!" * 96,
-                  f"  !! WARNING: API keys are switched OFF and the API listens on {host}, reachable from other  !!",
-                  "  !! machines: ANYONE who can reach this port can upload models and run jobs on this machine. !!",
-                  "  " + "!" * 96]
+        warning = [f"WARNING: API keys are switched OFF and the API listens on {host}, which other machines",
+                   "can reach: ANYONE who can reach this port can upload models and run jobs on this machine.",
+                   "Drop --no-auth (and create keys with `kdistill keys create`) unless the network is yours alone."]
+        width = max(map(len, warning))
+        lines += ["", "  " + "!" * (width + 6), *(f"  !! {w:<{width}} !!" for w in warning), "  " + "!" * (width + 6)]
     else:
         lines.append("  auth:       API keys required (Authorization: Bearer <key>); create one with")
         lines.append(f"              kdistill keys create --tenant NAME --data-dir {data_dir}")

@@ -33,14 +33,22 @@ def test_requeue_sends_lost_jobs_once_and_routes_by_live_workers(tmp_path):
             for i, enqueued in enumerate((None, old)):
                 s.add(Job(id=f"job_{i}", tenant_id=tenant.id, teacher_id="tch_1", dataset_id="ds_1", queue="lost",
                           request={}, request_hash="x", created_at=old, enqueued_at=enqueued))
+            # running, but its worker went silent after the last message: to be sent again, once
+            s.add(Job(id="job_silent", tenant_id=tenant.id, teacher_id="tch_1", dataset_id="ds_1", queue="lost",
+                      request={}, request_hash="x", created_at=old, enqueued_at=old - timedelta(minutes=1),
+                      status="running", heartbeat_at=old))
+            # running and beating: left alone
+            s.add(Job(id="job_alive", tenant_id=tenant.id, teacher_id="tch_1", dataset_id="ds_1", queue="lost",
+                      request={}, request_hash="x", created_at=old, enqueued_at=old, status="running",
+                      heartbeat_at=utcnow()))
         with session_scope(db) as s:
-            assert requeue_pending(s, settings) == 1
+            assert requeue_pending(s, settings) == 2
         with session_scope(db) as s:
             assert requeue_pending(s, settings) == 0  # sent once, not every sweep
             assert s.get(Job, "job_0").enqueued_at is not None
         r = redis.Redis.from_url(broker)
-        messages = r.lrange("lost", 0, -1)
-        assert len(messages) == 1 and json.loads(messages[0])["headers"]["argsrepr"] == "['job_0']"
+        sent = sorted(json.loads(m)["headers"]["argsrepr"] for m in r.lrange("lost", 0, -1))
+        assert sent == ["['job_0']", "['job_silent']"]
 
         assert default_queue(settings) == "fallback"
         with session_scope(db) as s:

@@ -24,6 +24,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from billiard.exceptions import Terminated
+from celery.exceptions import WorkerShutdown, WorkerTerminate
 from sqlalchemy import or_, update
 
 from app.db import session_scope
@@ -34,6 +36,9 @@ from app.storage import get_store, sha256_of
 from worker.distill.spec import DataSpec, InputSpec, JobSpec, StudentSpec, TeacherSpec
 
 log = logging.getLogger("kdistill.worker")
+# What Celery raises inside a task when the worker is shut down or terminated (the solo pool answers a
+# forced stop with NotImplementedError from kill_job).
+WORKER_STOPPING = (WorkerShutdown, WorkerTerminate, Terminated, SystemExit, KeyboardInterrupt, NotImplementedError)
 EXIT_CANCELLED = 3
 KILL_WAIT = 10.0
 
@@ -94,6 +99,11 @@ class Supervisor:
             return
         try:
             self._supervise()
+        except WORKER_STOPPING:
+            # The worker itself is going away: the job stays running, its heartbeat goes stale, and
+            # another delivery resumes it from its last checkpoint.
+            self.log.warning("job %s: the worker is stopping; the job will resume elsewhere", self.job_id)
+            raise
         except Exception as e:  # the job must end in a final state whatever breaks here
             self.log.exception("supervising job %s failed", self.job_id)
             with session_scope(self.url) as s:
