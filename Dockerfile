@@ -13,7 +13,8 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY app ./app
 COPY worker ./worker
 COPY migrations ./migrations
-RUN pip install --no-cache-dir ".[deploy]"
+# Flower (to watch the queue) is pinned like torch; the project itself is the local checkout.
+RUN pip install --no-cache-dir . flower==2.2.0
 
 FROM python:3.11-slim-bookworm AS runtime
 ARG UID=10001

@@ -111,7 +111,8 @@ def serve(
 def worker(
     gpus: str = typer.Option("auto", help='"auto" (every visible GPU, else the CPU), "none", or ids such as "0,1"'),
     queues: str | None = typer.Option(None, help="comma-separated queues (default: gpu on GPUs, cpu on the CPU)"),
-    name: str = typer.Option("", help="prefix of the Celery node names (unique among workers of one host)"),
+    name: str = typer.Option("", envvar="KDISTILL_WORKER_NAME",
+                             help="prefix of the Celery node names (unique among workers of one host)"),
     loglevel: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR"),
 ) -> None:
     """Run this machine's Celery workers for a shared deployment: one per GPU (or one on the CPU), each
