@@ -212,3 +212,17 @@ def test_step_constant_and_onecycle_by_hand():
     assert lr_factor(0, 100, 10, one) == pytest.approx(1 / 25)
     assert lr_factor(30, 100, 10, one) == pytest.approx(1.0)
     assert lr_factor(100, 100, 10, one) == pytest.approx(1e-4)
+
+
+def test_nan_from_a_teacher_run_every_step_is_caught_without_a_sync_per_step():
+    train_set, val_set = tiny_data()
+
+    def nan_on_training(x: torch.Tensor) -> torch.Tensor:
+        return torch.full((len(x), 4), float("nan"))
+
+    finite_val = torch.zeros(len(val_set.labels), 4)  # the validation pass is given, so only training sees NaN
+    setup = setup_for(train_set, val_set, Teacher("onnx", None, 4, SPEC, nan_on_training), cache_teacher_logits=False,
+                      teacher_val_logits=finite_val, progress_interval=3600.0)
+    with pytest.raises(TeacherError) as err:
+        train(setup, HP)
+    assert err.value.code == "teacher_nonfinite_output" and "epoch 1" in err.value.message

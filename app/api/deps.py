@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
-from app.db import sessions_for
+from app.db import session_scope
 from app.keys import LOCAL_TENANT, get_or_create_tenant, tenant_for_key
 from app.models import Tenant
 from app.settings import Settings
@@ -21,15 +21,8 @@ def get_settings(request: Request) -> Settings:
 
 
 def get_session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[Session]:
-    session = sessions_for(settings.resolved_database_url)()
-    try:
+    with session_scope(settings.resolved_database_url) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 def current_tenant(

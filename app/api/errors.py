@@ -27,6 +27,14 @@ def not_found(kind: str, ident: str, field: str | None = None) -> ApiError:
     return ApiError(404, f"{kind}_not_found", f"no {kind} with id {ident!r} (for this API key)", field)
 
 
+def get_owned(session: Any, model: Any, ident: str, tenant_id: str, field: str | None = None) -> Any:
+    """The tenant's object by id; another tenant's object is as absent as a made-up id (404)."""
+    obj = session.get(model, ident)
+    if obj is None or obj.tenant_id != tenant_id:
+        raise not_found(model.__tablename__.removesuffix("s"), ident, field)
+    return obj
+
+
 def error_body(code: str, message: str, field: str | None = None, **extra: Any) -> dict[str, Any]:
     body: dict[str, Any] = {"code": code, "message": message}
     if field:

@@ -264,9 +264,3 @@ def check_finite(logits: torch.Tensor, where: str) -> None:
         raise TeacherError(f"the teacher produced NaN or infinite logits on {where} ({bad} of {len(logits)} "
                            "samples); check the checkpoint and its input spec (mean/std)",
                            code="teacher_nonfinite_output")
-
-
-def num_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-

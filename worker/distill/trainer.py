@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import time
@@ -16,7 +15,7 @@ from torch import nn
 
 from .data import ImageSet
 from .data.transforms import augment_batch, to_model_input
-from .errors import Cancelled, ConfigError, DistillError
+from .errors import Cancelled, ConfigError, DistillError, TeacherError
 from .losses import UNLABELED, DistillationLoss, inverse_frequency_weights
 from .metrics import accuracy, agreement, per_class_report, topk_accuracy
 from .progress import Callbacks, EpochMetrics, Progress, RateLimiter
@@ -177,6 +176,7 @@ def train(setup: TrainSetup, hp: Hyperparameters, callbacks: Callbacks | None = 
         torch.manual_seed(hp.seed * 1_000_003 + epoch)
         student.train()
         sums = torch.zeros(3, device=dev)
+        teacher_finite = torch.ones((), dtype=torch.bool, device=dev)  # checked per report: no sync per step
         seen, epoch_t0 = 0, time.monotonic()
         window_t0, window_n = epoch_t0, 0
         for i, idx in enumerate(epoch_batches(pool, epoch_samples, batch_size, gen)):
@@ -196,7 +196,7 @@ def train(setup: TrainSetup, hp: Hyperparameters, callbacks: Callbacks | None = 
                         tx = tx.contiguous(memory_format=torch.channels_last)
                     with _autocast(dev, amp_dtype):
                         t_logits = teacher.logits(tx).float()
-                    check_finite(t_logits, f"a training batch of epoch {epoch + 1}")
+                    teacher_finite &= torch.isfinite(t_logits).all()
             x = to_model_input(batch, setup.student_input)
             if hp.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -220,6 +220,7 @@ def train(setup: TrainSetup, hp: Hyperparameters, callbacks: Callbacks | None = 
             if limiter.ready(force=last):
                 now = time.monotonic()
                 losses = (sums / seen).tolist()  # one device sync per report, not per step
+                _check_teacher(teacher_finite, epoch)
                 _check_loss(losses[0], run, epoch, hp)
                 done = (step - resumed_from * steps_per_epoch) / max(1, total_steps - resumed_from * steps_per_epoch)
                 elapsed = now - started
@@ -234,6 +235,7 @@ def train(setup: TrainSetup, hp: Hyperparameters, callbacks: Callbacks | None = 
 
         epoch_seconds = time.monotonic() - epoch_t0
         losses = (sums / seen).tolist()
+        _check_teacher(teacher_finite, epoch)
         _check_loss(losses[0], run, epoch, hp)
         cb.phase("evaluating")
         logits = predict(student, setup.val.images, setup.student_input, dev, amp_dtype, hp.channels_last)
@@ -288,6 +290,12 @@ def _class_weights(hp: Hyperparameters, labels: torch.Tensor, num_classes: int) 
     return torch.tensor(hp.class_weights, dtype=torch.float32)
 
 
+def _check_teacher(finite: torch.Tensor, epoch: int) -> None:
+    if not bool(finite):
+        raise TeacherError(f"the teacher produced NaN or infinite logits on training batches of epoch {epoch + 1}; "
+                           "check the checkpoint and its input spec (mean/std)", code="teacher_nonfinite_output")
+
+
 def _check_loss(loss: float, run: str, epoch: int, hp: Hyperparameters) -> None:
     if not math.isfinite(loss):
         raise DistillError(
@@ -334,7 +342,3 @@ def _load_checkpoint(setup: TrainSetup, student: nn.Module, optimizer: Any, sche
     return _TrainState(epoch=ckpt["epoch"], best_accuracy=ckpt["best_accuracy"], best_epoch=ckpt["best_epoch"],
                        best_state=ckpt["best_state"],
                        history=[EpochMetrics(**m) for m in ckpt["history"]])
-
-
-def clone_module(module: nn.Module) -> nn.Module:
-    return copy.deepcopy(module)

@@ -12,7 +12,7 @@ from app.models import Dataset, new_id
 from app.storage import get_store
 
 from ..deps import SessionDep, SettingsDep, TenantDep
-from ..errors import not_found
+from ..errors import get_owned
 from ..pagination import page
 from ..schemas import DatasetOut, Page
 from ..uploads import inspect_in_child, safe_filename, save_upload
@@ -44,7 +44,7 @@ async def upload_dataset(
                       image_size=list(info["image_size"]), val_source=info["val_source"], sha256=digest,
                       size_bytes=size, storage_key=key)
     session.add(dataset)
-    session.flush()
+    session.commit()  # visible before the client gets its id, whenever the dependency's exit code runs
     return dataset
 
 
@@ -57,7 +57,4 @@ def list_datasets(session: SessionDep, tenant: TenantDep, limit: Annotated[int, 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, summary="One dataset")
 def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> Dataset:
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None or dataset.tenant_id != tenant.id:
-        raise not_found("dataset", dataset_id)
-    return dataset
+    return get_owned(session, Dataset, dataset_id, tenant.id)

@@ -20,7 +20,7 @@ from worker.distill.spec import InputSpec, config_error_from
 from worker.distill.students import check_input_size, model_info
 
 from ..deps import SessionDep, SettingsDep, TenantDep
-from ..errors import ApiError, not_found
+from ..errors import ApiError, get_owned, not_found
 from ..pagination import page
 from ..schemas import TERMINAL, EventOut, JobCreate, JobOut, JobStatus, Page
 
@@ -29,19 +29,12 @@ MEDIA_TYPES = {"onnx": "application/onnx", "metadata": "application/json"}
 
 
 def _own_job(session: SessionDep, tenant_id: str, job_id: str) -> Job:
-    job = session.get(Job, job_id)
-    if job is None or job.tenant_id != tenant_id:
-        raise not_found("job", job_id)
-    return job
+    return get_owned(session, Job, job_id, tenant_id)
 
 
 def _check_request(session: SessionDep, tenant_id: str, body: JobCreate) -> tuple[Teacher, Dataset]:
-    teacher = session.get(Teacher, body.teacher_id)
-    if teacher is None or teacher.tenant_id != tenant_id:
-        raise not_found("teacher", body.teacher_id, "teacher_id")
-    dataset = session.get(Dataset, body.dataset_id)
-    if dataset is None or dataset.tenant_id != tenant_id:
-        raise not_found("dataset", body.dataset_id, "dataset_id")
+    teacher = get_owned(session, Teacher, body.teacher_id, tenant_id, "teacher_id")
+    dataset = get_owned(session, Dataset, body.dataset_id, tenant_id, "dataset_id")
     if teacher.num_classes != dataset.num_classes:
         raise ApiError(422, "class_count_mismatch", f"the teacher predicts {teacher.num_classes} classes but the "
                        f"dataset has {dataset.num_classes} ({', '.join(dataset.classes[:5])}...)", "dataset_id")

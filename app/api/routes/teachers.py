@@ -14,7 +14,7 @@ from app.storage import get_store
 from worker.distill.spec import InputSpec, TeacherFormat, TeacherSpec, config_error_from
 
 from ..deps import SessionDep, SettingsDep, TenantDep
-from ..errors import ApiError, not_found
+from ..errors import ApiError, get_owned
 from ..pagination import page
 from ..schemas import Page, TeacherOut
 from ..uploads import inspect_in_child, safe_filename, save_upload
@@ -57,7 +57,7 @@ async def upload_teacher(
                       input_size=described["size"], mean=described["mean"], std=described["std"], sha256=digest,
                       size_bytes=size, storage_key=key, details={"parameters": info.get("parameters")})
     session.add(teacher)
-    session.flush()
+    session.commit()  # visible before the client gets its id, whenever the dependency's exit code runs
     return teacher
 
 
@@ -70,7 +70,4 @@ def list_teachers(session: SessionDep, tenant: TenantDep, limit: Annotated[int, 
 
 @router.get("/{teacher_id}", response_model=TeacherOut, summary="One teacher")
 def get_teacher(teacher_id: str, session: SessionDep, tenant: TenantDep) -> Teacher:
-    teacher = session.get(Teacher, teacher_id)
-    if teacher is None or teacher.tenant_id != tenant.id:
-        raise not_found("teacher", teacher_id)
-    return teacher
+    return get_owned(session, Teacher, teacher_id, tenant.id)
