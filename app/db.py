@@ -24,7 +24,8 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # One connection per request thread at most: the API's thread pool (40) stays under the pool's bound.
+    return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=30, pool_timeout=10)
 
 
 @lru_cache

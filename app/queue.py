@@ -30,11 +30,11 @@ def enqueue(settings: Settings, job_id: str, queue: str) -> bool:
         return False
 
 
-def default_queue(settings: Settings) -> str:
+def default_queue(session: Session, settings: Settings) -> str:
     """gpu when a live worker serves it, else cpu when one serves that, else the configured default."""
     from worker.registry import live_queues
 
-    live = live_queues(settings)
+    live = live_queues(session)
     for queue in ("gpu", "cpu"):
         if queue in live:
             return queue

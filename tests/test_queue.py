@@ -16,6 +16,11 @@ from app.queue import default_queue, requeue_pending
 from app.settings import Settings
 
 
+def queue_now(settings: Settings) -> str:
+    with session_scope(settings.resolved_database_url) as s:
+        return default_queue(s, settings)
+
+
 def test_requeue_sends_lost_jobs_once_and_routes_by_live_workers(tmp_path):
     with fresh_postgres() as db, fresh_redis(db=8) as broker:
         upgrade(db)
@@ -50,14 +55,14 @@ def test_requeue_sends_lost_jobs_once_and_routes_by_live_workers(tmp_path):
         sent = sorted(json.loads(m)["headers"]["argsrepr"] for m in r.lrange("lost", 0, -1))
         assert sent == ["['job_0']", "['job_silent']"]
 
-        assert default_queue(settings) == "fallback"
+        assert queue_now(settings) == "fallback"
         with session_scope(db) as s:
             s.add(WorkerRecord(name="cpu@a", queues=["cpu"]))
-        assert default_queue(settings) == "cpu"
+        assert queue_now(settings) == "cpu"
         with session_scope(db) as s:
             s.add(WorkerRecord(name="gpu0@b", queues=["gpu"]))
             s.add(WorkerRecord(name="gpu1@c", queues=["gpu"], heartbeat_at=utcnow() - timedelta(hours=1)))
-        assert default_queue(settings) == "gpu"
+        assert queue_now(settings) == "gpu"
         with session_scope(db) as s:
             s.get(WorkerRecord, "gpu0@b").heartbeat_at = utcnow() - timedelta(hours=1)
-        assert default_queue(settings) == "cpu"  # a GPU worker that stopped beating does not count
+        assert queue_now(settings) == "cpu"  # a GPU worker that stopped beating does not count

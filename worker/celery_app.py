@@ -30,7 +30,8 @@ def make_celery(settings: Settings) -> Celery:
             (folder / sub).mkdir(parents=True, exist_ok=True)
         options = {"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
                    "processed_folder": str(folder / "processed"), "control_folder": str(folder / "control"),
-                   "store_processed": False}
+                   "store_processed": False,
+                   "polling_interval": 0.2}  # an idle worker looks for new files 5 times a second (1 s default)
     app.conf.update(
         broker_transport_options=options,
         broker_connection_retry_on_startup=True,

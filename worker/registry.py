@@ -11,6 +11,7 @@ from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
 
 from app.db import session_scope
 from app.models import WorkerRecord, utcnow
@@ -51,11 +52,10 @@ def unregister(settings: Settings, name: str) -> None:
         s.execute(delete(WorkerRecord).where(WorkerRecord.name == name))
 
 
-def live_queues(settings: Settings) -> set[str]:
+def live_queues(session: Session) -> set[str]:
     """Queues served by at least one worker that beat recently."""
     since = utcnow() - timedelta(seconds=ALIVE_SECONDS)
-    with session_scope(settings.resolved_database_url) as s:
-        rows = s.scalars(select(WorkerRecord.queues).where(WorkerRecord.heartbeat_at >= since)).all()
+    rows = session.scalars(select(WorkerRecord.queues).where(WorkerRecord.heartbeat_at >= since)).all()
     return {q for queues in rows for q in queues}
 
 

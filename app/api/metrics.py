@@ -7,12 +7,12 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
-from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.db import session_scope
 from app.models import Job, utcnow
@@ -63,14 +63,7 @@ def install_metrics(app: FastAPI, settings: Settings) -> None:
                         buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60), registry=registry)
     registry.register(JobCollector(settings))
 
-    @app.middleware("http")
-    async def _measure(request: Request, call_next: Any) -> Response:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = _route_of(app, request)
-        requests.labels(request.method, route, str(response.status_code)).inc()
-        latency.labels(request.method, route).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(_Measure, requests=requests, latency=latency)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
@@ -78,10 +71,28 @@ def install_metrics(app: FastAPI, settings: Settings) -> None:
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
-def _route_of(app: FastAPI, request: Request) -> str:
-    # The path template, not the path: one series per endpoint however many job ids there are.
-    for route in app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match == Match.FULL:
-            return getattr(route, "path", "other")
-    return "unmatched"
+class _Measure:
+    """Pure ASGI (no per-request task or body copy, unlike BaseHTTPMiddleware): counts and times requests."""
+
+    def __init__(self, app: ASGIApp, requests: Counter, latency: Histogram) -> None:
+        self.app, self.requests, self.latency = app, requests, latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            # The path template, not the path: one series per endpoint however many job ids there are.
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.requests.labels(scope["method"], route, str(status)).inc()
+            self.latency.labels(scope["method"], route).observe(time.perf_counter() - start)

@@ -9,7 +9,6 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from starlette.concurrency import run_in_threadpool
 
 from app.jobs import add_event, cancel_queued, job_view, request_hash
 from app.models import Artifact, Dataset, Job, JobEvent, Teacher, new_id, utcnow
@@ -59,7 +58,7 @@ def _check_request(session: SessionDep, tenant_id: str, body: JobCreate) -> tupl
 
 @router.post("", status_code=202, response_model=JobOut, summary="Create a distillation job",
              responses={409: {"description": "Idempotency-Key reused with another body"}})
-async def create_job(
+def create_job(
     body: JobCreate, response: Response, session: SessionDep, settings: SettingsDep, tenant: TenantDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> dict[str, Any]:
@@ -72,7 +71,7 @@ async def create_job(
             response.headers["Location"] = f"/v1/jobs/{existing.id}"
             return _replay(existing, digest)
     _check_request(session, tenant.id, body)
-    queue = body.queue or await run_in_threadpool(default_queue, settings)
+    queue = body.queue or default_queue(session, settings)
     job = Job(id=new_id("job"), tenant_id=tenant.id, teacher_id=body.teacher_id, dataset_id=body.dataset_id,
               status="queued", queue=queue, request=request,
               idempotency_key=idempotency_key, request_hash=digest)
@@ -88,7 +87,7 @@ async def create_job(
             raise
         response.headers["Location"] = f"/v1/jobs/{existing.id}"
         return _replay(existing, digest)
-    if await run_in_threadpool(enqueue, settings, job.id, job.queue):
+    if enqueue(settings, job.id, job.queue):
         job.enqueued_at = utcnow()
         session.commit()
     response.headers["Location"] = f"/v1/jobs/{job.id}"
