@@ -139,6 +139,16 @@ def keys_create(
     """Create an API key and print it (only it, on stdout: KEY=$(kdistill keys create --tenant t))."""
     from app.db import session_scope
     from app.keys import create_key
+
+    url = _keys_database(data_dir, database_url)
+    with session_scope(url) as session:
+        key = create_key(session, tenant, name)
+    console.print(f"created an API key for tenant [bold]{tenant}[/]; it is shown only now")
+    typer.echo(key)
+
+
+def _keys_database(data_dir: Path | None, database_url: str | None) -> str:
+    """The database of `kdistill serve` (or of the settings), migrated to the current schema."""
     from app.migrate import upgrade
     from app.settings import Settings
 
@@ -152,10 +162,48 @@ def keys_create(
     if url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(url)
-    with session_scope(url) as session:
-        key = create_key(session, tenant, name)
-    console.print(f"created an API key for tenant [bold]{tenant}[/]; it is shown only now")
-    typer.echo(key)
+    return url
+
+
+KeysDataDir = Annotated[Path | None, typer.Option("--data-dir", show_default=False,
+                                                  help="data dir of `kdistill serve` (default: KDISTILL_DATA_DIR)")]
+KeysDatabase = Annotated[str | None, typer.Option("--database-url", show_default=False,
+                                                  help="(default: KDISTILL_DATABASE_URL, else SQLite in the data dir)")]
+
+
+@keys_cli.command("list")
+def keys_list(data_dir: KeysDataDir = None, database_url: KeysDatabase = None) -> None:
+    """List API keys (their id and first characters, never the key)."""
+    from sqlalchemy import select
+
+    from app.db import session_scope
+    from app.models import ApiKey, Tenant
+
+    def when(t: Any) -> str:
+        return f"{t:%Y-%m-%dT%H:%M}Z" if t else "-"
+
+    # one line per key, tab-separated, so that scripts can read it too
+    typer.echo("\t".join(("id", "tenant", "name", "starts_with", "created", "last_used", "revoked")))
+    with session_scope(_keys_database(data_dir, database_url)) as s:
+        for key, tenant in s.execute(select(ApiKey, Tenant).join(Tenant).order_by(ApiKey.created_at)):
+            typer.echo("\t".join((key.id, tenant.name, key.name or "-", key.prefix, when(key.created_at),
+                                  when(key.last_used_at), when(key.revoked_at))))
+
+
+@keys_cli.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="the key's id from `kdistill keys list`"),
+                data_dir: KeysDataDir = None, database_url: KeysDatabase = None) -> None:
+    """Revoke an API key: the API refuses it within seconds (its lookups are cached for 10 s)."""
+    from app.db import session_scope
+    from app.models import ApiKey, utcnow
+
+    with session_scope(_keys_database(data_dir, database_url)) as s:
+        key = s.get(ApiKey, key_id)
+        if key is None:
+            console.print(f"[red]error[/] no API key with id {key_id!r}; see `kdistill keys list`")
+            raise typer.Exit(1)
+        key.revoked_at = key.revoked_at or utcnow()
+    console.print(f"revoked {key_id}")
 
 
 # -- client verbs ------------------------------------------------------------------------------------------
