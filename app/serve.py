@@ -21,7 +21,6 @@ heartbeat is stale, and the supervisor then takes the job over and resumes it fr
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import ipaddress
 import logging
 import os
@@ -35,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
+
+from worker.sandbox import die_with_parent
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -89,13 +90,6 @@ def worker_command(queue: str, pidfile: Path, log_level: str = "info") -> list[s
             "--without-gossip", "--without-mingle", "--without-heartbeat"]
 
 
-def _die_with_parent() -> None:
-    # Linux only: if serve dies without stopping the worker (SIGKILL, a crash), the worker is killed too
-    # instead of living on as an orphan; its training process dies with it.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def _running_pid(pidfile: Path) -> int | None:
     """The pid in a worker pidfile if that process still runs a celery worker."""
     try:
@@ -118,7 +112,7 @@ class WorkerProcess:
     def start(self) -> None:
         self.starts.append(time.monotonic())
         self.proc = subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=die_with_parent)
         log.info("worker started (pid %d): %s", self.proc.pid, " ".join(self.command[1:]))
 
     def exited(self) -> int | None:

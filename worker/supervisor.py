@@ -8,7 +8,6 @@ its own process group so cancel and timeout can stop everything it started, and 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from app.models import Artifact, Dataset, Job, Teacher, utcnow
 from app.settings import Settings
 from app.storage import get_store, sha256_of
 from worker.distill.spec import DataSpec, InputSpec, JobSpec, StudentSpec, TeacherSpec
+from worker.sandbox import child_env, die_with_parent
 
 log = logging.getLogger("kdistill.worker")
 # What Celery raises inside a task when the worker is shut down or terminated (the solo pool answers a
@@ -41,12 +41,6 @@ log = logging.getLogger("kdistill.worker")
 WORKER_STOPPING = (WorkerShutdown, WorkerTerminate, Terminated, SystemExit, KeyboardInterrupt, NotImplementedError)
 EXIT_CANCELLED = 3
 KILL_WAIT = 10.0
-
-
-def _die_with_parent() -> None:
-    # Linux only: the child gets SIGKILL when the supervising worker dies, however it dies.
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class Supervisor:
@@ -161,7 +155,7 @@ class Supervisor:
         proc = subprocess.Popen(
             [sys.executable, "-m", "worker.run", str(self.job_dir / "spec.json"), "--cancel-file", str(cancel_file)],
             stdout=subprocess.PIPE, stderr=child_log, stdin=subprocess.DEVNULL, start_new_session=True,
-            preexec_fn=_die_with_parent, env=_child_env(), cwd=str(self.job_dir))
+            preexec_fn=die_with_parent, env=child_env(), cwd=str(self.job_dir))
         child_log.close()
         self.log.info("job %s: training process %d started", self.job_id, proc.pid)
         lines: queue.Queue[str | None] = queue.Queue()
@@ -367,16 +361,6 @@ def _kill_group(proc: subprocess.Popen[bytes], state: _ChildState) -> None:
     state.killed_at = now
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    # Credentials stay with the supervisor: the child reads files and writes files, nothing else.
-    for key in list(env):
-        if key.startswith("KDISTILL_") or key.startswith("AWS_") or key in ("DATABASE_URL",):
-            env.pop(key)
-    return env
 
 
 def _tail(path: Path, lines: int = 30) -> str:

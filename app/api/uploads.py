@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.settings import Settings
+from worker.sandbox import child_env, die_with_parent
 
 from .errors import ApiError
 
@@ -114,7 +115,8 @@ def inspect_in_child(kind: str, args: dict[str, Any], timeout: float) -> dict[st
     """Run `python -m worker.inspect` on an upload; a failure is the upload's 4xx, never our 500."""
     try:
         proc = subprocess.run([sys.executable, "-m", "worker.inspect", kind, json.dumps(args)],
-                              capture_output=True, text=True, timeout=timeout, check=False)
+                              capture_output=True, text=True, timeout=timeout, check=False, env=child_env(),
+                              preexec_fn=die_with_parent)
     except subprocess.TimeoutExpired:
         raise ApiError(422, f"{kind}_inspection_timeout", f"inspecting the {kind} took longer than {timeout:.0f} s; "
                        "it is too large or too slow to load") from None
