@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from worker.sandbox import make_undumpable
+
 from .api.errors import install_error_handlers
 from .api.metrics import install_metrics
 from .api.routes import datasets, health, jobs, teachers
@@ -34,6 +36,7 @@ Authenticate with `Authorization: Bearer <api key>`."""
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for `settings` (default: from the environment)."""
     settings = settings or get_settings()
+    make_undumpable()
     for d in (settings.data_dir, settings.tmp_dir):
         d.mkdir(parents=True, exist_ok=True)
     app = FastAPI(title="kdistill", version="1", description=DESCRIPTION, lifespan=_lifespan)

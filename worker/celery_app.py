@@ -38,7 +38,9 @@ def make_celery(settings: Settings) -> Celery:
         task_default_queue=settings.default_queue,
         task_acks_late=True,  # the message stays with the broker until the job has ended
         task_reject_on_worker_lost=True,  # a worker that dies gives its job back
-        task_acks_on_failure_or_timeout=True,
+        # a task that fails (the database briefly down during the claim, say) leaves its message for another
+        # delivery instead of dropping the job; the claim's attempt counter stops endless loops
+        task_acks_on_failure_or_timeout=False,
         worker_prefetch_multiplier=1,  # one job per worker process (per GPU), none held in reserve
         worker_max_tasks_per_child=1000,
         task_ignore_result=True,  # the database holds every result

@@ -20,6 +20,13 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def make_undumpable() -> None:
+    """Keep same-user children (an uploaded TorchScript, say) from reading this process's environment and
+    memory through /proc (PR_SET_DUMPABLE 0; Linux only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(4, 0)  # PR_SET_DUMPABLE
+
+
 def die_with_parent() -> None:
     """`preexec_fn`: the child gets SIGKILL when its parent dies, however it dies (Linux only)."""
     with contextlib.suppress(OSError, AttributeError):

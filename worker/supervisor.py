@@ -26,12 +26,14 @@ from typing import Any
 from billiard.exceptions import Terminated
 from celery.exceptions import WorkerShutdown, WorkerTerminate
 from sqlalchemy import or_, update
+from sqlalchemy.exc import OperationalError
 
 from app.db import session_scope
 from app.jobs import add_event
 from app.models import Artifact, Dataset, Job, Teacher, utcnow
 from app.settings import Settings
 from app.storage import get_store, sha256_of
+from worker.distill.export import FILE_NAMES
 from worker.distill.spec import DataSpec, InputSpec, JobSpec, StudentSpec, TeacherSpec
 from worker.sandbox import child_env, die_with_parent
 
@@ -40,6 +42,7 @@ log = logging.getLogger("kdistill.worker")
 # forced stop with NotImplementedError from kill_job).
 WORKER_STOPPING = (WorkerShutdown, WorkerTerminate, Terminated, SystemExit, KeyboardInterrupt, NotImplementedError)
 EXIT_CANCELLED = 3
+ARTIFACT_NAMES = frozenset({*FILE_NAMES.values(), "student.safetensors", "metadata.json"})
 KILL_WAIT = 10.0
 
 
@@ -48,6 +51,7 @@ class Supervisor:
 
     def __init__(self, settings: Settings, job_id: str, worker: str) -> None:
         self.settings, self.job_id, self.worker = settings, job_id, worker
+        self.proc: subprocess.Popen[bytes] | None = None
         self.url = settings.resolved_database_url
         self.job_dir = settings.jobs_dir.resolve() / job_id
         self.log = logging.LoggerAdapter(log, {"job_id": job_id, "worker": worker})
@@ -91,6 +95,8 @@ class Supervisor:
     def run(self) -> None:
         if not self.claim():
             return
+        self.beat = _Heartbeat(self)
+        self.beat.start()
         try:
             self._supervise()
         except WORKER_STOPPING:
@@ -107,6 +113,11 @@ class Supervisor:
                               traceback=traceback.format_exc())
                     self._finish(s, job, "failed", "worker_error",
                                  f"the worker failed while supervising the job ({type(e).__name__}); see its log")
+        finally:
+            self.beat.stop()
+            if self.proc is not None and self.proc.poll() is None:
+                # never leave training running on a GPU the next job will want
+                _stop_group(self.proc)
 
     def _spec(self, job: Job, teacher: Teacher, dataset: Dataset) -> JobSpec:
         req = job.request
@@ -143,7 +154,9 @@ class Supervisor:
             job = s.get(Job, self.job_id)
             assert job is not None
             spec = self._spec(job, s.get(Teacher, job.teacher_id), s.get(Dataset, job.dataset_id))
-            max_seconds = job.request.get("max_run_seconds") or self.settings.job_max_seconds
+            # a request may ask for less time than the deployment allows, never for more
+            max_seconds = min(job.request.get("max_run_seconds") or self.settings.job_max_seconds,
+                              self.settings.job_max_seconds)
         out_dir = self.job_dir / "out"
         shutil.rmtree(out_dir, ignore_errors=True)  # a retried job starts its exports afresh
         self.job_dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +165,7 @@ class Supervisor:
         (self.job_dir / "spec.json").write_text(spec.model_dump_json(indent=2))
         self._restore_checkpoints()
         child_log = (self.job_dir / "child.log").open("ab")
-        proc = subprocess.Popen(
+        self.proc = proc = subprocess.Popen(
             [sys.executable, "-m", "worker.run", str(self.job_dir / "spec.json"), "--cancel-file", str(cancel_file)],
             stdout=subprocess.PIPE, stderr=child_log, stdin=subprocess.DEVNULL, start_new_session=True,
             preexec_fn=die_with_parent, env=child_env(), cwd=str(self.job_dir))
@@ -162,7 +175,7 @@ class Supervisor:
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
 
         state = _ChildState(started=time.monotonic())
-        last_beat = last_progress_write = 0.0
+        last_progress_write = 0.0
         eof = False
         while True:
             try:
@@ -178,20 +191,20 @@ class Supervisor:
                                                self.settings.progress_interval):
                 self._write_progress(state)
                 last_progress_write = now
-            if now - last_beat >= self.settings.heartbeat_interval or eof:
-                last_beat = now
-                cancel = self._heartbeat()
-                if cancel and state.cancel_at is None:
-                    state.cancel_at = now
-                    cancel_file.touch()
-                    self.log.info("job %s: cancellation requested", self.job_id)
-            grace_over = state.cancel_at is not None and now - state.cancel_at > self.settings.cancel_grace
-            if grace_over and proc.poll() is None:
+            if self.beat.lost.is_set():
+                self.log.warning("job %s: another worker holds the job now; stopping this copy", self.job_id)
+                state.lost = True
                 _kill_group(proc, state)
-            if now - state.started > max_seconds and proc.poll() is None and not state.timed_out:
+            if self.beat.cancel.is_set() and state.cancel_at is None:
+                state.cancel_at = now
+                cancel_file.touch()
+                self.log.info("job %s: cancellation requested", self.job_id)
+            grace_over = state.cancel_at is not None and now - state.cancel_at > self.settings.cancel_grace
+            if now - state.started > max_seconds and not state.timed_out:
                 state.timed_out = True
                 self.log.warning("job %s: past its maximum run time of %.0f s; stopping it", self.job_id, max_seconds)
-                _kill_group(proc, state)
+            if (grace_over or state.timed_out) and proc.poll() is None:
+                _kill_group(proc, state)  # SIGTERM, then SIGKILL if the process lingers
             if eof and proc.poll() is not None:
                 break
             if eof:
@@ -207,17 +220,30 @@ class Supervisor:
         except json.JSONDecodeError:
             self.log.warning("job %s: non-JSON line from the training process: %s", self.job_id, line[:200])
             return
+        if msg.get("type") in ("result", "error"):
+            state.result, state.error = (msg, None) if msg["type"] == "result" else (None, msg)
+            return
+        try:
+            self._record(msg, state)
+        except OperationalError:  # a database hiccup must not end a training run; the next write catches up
+            self.log.exception("job %s: could not record a %s line", self.job_id, msg.get("type"))
+
+    def _ours(self) -> Any:
+        return (Job.id == self.job_id) & (Job.status == "running") & (Job.worker == self.worker)
+
+    def _record(self, msg: dict[str, Any], state: _ChildState) -> None:
         kind = msg.get("type")
         if kind == "progress":
             state.progress, state.progress_dirty = msg, True
         elif kind == "phase":
             with session_scope(self.url) as s:
-                s.execute(update(Job).where(Job.id == self.job_id, Job.status == "running")
-                          .values(phase=msg["phase"]))
+                s.execute(update(Job).where(self._ours()).values(phase=msg["phase"]))
         elif kind == "epoch":
             state.progress_dirty = state.progress is not None
             with session_scope(self.url) as s:
                 job = s.get(Job, self.job_id)
+                if job is None or job.worker != self.worker:
+                    return
                 data = {k: v for k, v in msg.items() if k not in ("type", "time")}
                 metrics = dict(job.metrics or {})
                 if data["run"] == "student":
@@ -233,12 +259,8 @@ class Supervisor:
             with session_scope(self.url) as s:
                 add_event(s, self.job_id, msg.get("kind", "info"), msg.get("message", ""), **(msg.get("data") or {}))
                 if msg.get("kind") == "device":
-                    s.execute(update(Job).where(Job.id == self.job_id).values(device=msg.get("message", "")
-                                                                                  .removeprefix("training on ")))
-        elif kind == "result":
-            state.result = msg
-        elif kind == "error":
-            state.error = msg
+                    s.execute(update(Job).where(self._ours()).values(
+                        device=msg.get("message", "").removeprefix("training on ")))
 
     # Workers on other machines share no disk: with an object store, each epoch's checkpoint goes there
     # too, so whichever worker gets a lost job resumes it.
@@ -252,37 +274,48 @@ class Supervisor:
         for run in ("student", "baseline"):
             local = self.job_dir / "checkpoints" / f"{run}.ckpt"
             key = f"checkpoints/{self.job_id}/{run}.ckpt"
-            if not local.exists() and store.exists(key):
+            if store.exists(key):  # the store's copy is the newest: it is pushed after every epoch
                 store.fetch(key, local)
                 self.log.info("job %s: fetched the %s checkpoint from the store", self.job_id, run)
 
     def _upload_checkpoint(self, run: str) -> None:
         local = self.job_dir / "checkpoints" / f"{run}.ckpt"
-        if not self._shares_disk() and local.exists():
-            get_store(self.settings).put_file(f"checkpoints/{self.job_id}/{run}.ckpt", local)
+        if self._shares_disk() or not local.exists():
+            return
+        # The child replaces the file at the next epoch; upload a hard-linked snapshot so the upload never
+        # mixes two versions.
+        snapshot = local.with_suffix(".upload")
+        snapshot.unlink(missing_ok=True)
+        os.link(local, snapshot)
+        try:
+            get_store(self.settings).put_file(f"checkpoints/{self.job_id}/{run}.ckpt", snapshot)
+        finally:
+            snapshot.unlink(missing_ok=True)
 
     def _write_progress(self, state: _ChildState) -> None:
         p = state.progress or {}
         keep = ("run", "epoch", "epochs", "step", "total_steps", "fraction", "eta_seconds", "loss", "samples_per_s")
-        with session_scope(self.url) as s:
-            s.execute(update(Job).where(Job.id == self.job_id, Job.status == "running").values(
-                progress={k: p.get(k) for k in keep}, samples_per_s=p.get("samples_per_s"), heartbeat_at=utcnow()))
-        state.progress_dirty = False
+        try:
+            with session_scope(self.url) as s:
+                s.execute(update(Job).where(self._ours()).values(
+                    progress={k: p.get(k) for k in keep}, samples_per_s=p.get("samples_per_s")))
+            state.progress_dirty = False
+        except OperationalError:
+            self.log.exception("job %s: could not write progress; trying again later", self.job_id)
 
-    def _heartbeat(self) -> bool:
-        """Mark the job alive; return whether someone asked to cancel it."""
+    def heartbeat(self) -> tuple[bool, bool]:
+        """Mark the job alive while this worker holds it; return (still ours, cancel requested)."""
         with session_scope(self.url) as s:
-            s.execute(update(Job).where(Job.id == self.job_id, Job.status == "running")
-                      .values(heartbeat_at=utcnow()))
+            ours = s.execute(update(Job).where(self._ours()).values(heartbeat_at=utcnow())).rowcount > 0
             job = s.get(Job, self.job_id)
-            return bool(job and job.cancel_requested)
+            return ours, bool(job and job.cancel_requested)
 
     # -- ending ---------------------------------------------------------------------------------------
     def _conclude(self, returncode: int, state: _ChildState, max_seconds: float) -> None:
         with session_scope(self.url) as s:
             job = s.get(Job, self.job_id)
             assert job is not None
-            if job.status != "running" or job.worker != self.worker:
+            if job.status != "running" or job.worker != self.worker or state.lost:
                 self.log.warning("job %s was taken over (%s on %s); leaving it", job.id, job.status, job.worker)
                 return
             if state.timed_out:
@@ -309,6 +342,9 @@ class Supervisor:
         store = get_store(self.settings)
         out_dir = self.job_dir / "out"
         for a in result["artifacts"]:
+            if a["name"] not in ARTIFACT_NAMES:  # names come from the child: never let one pick a store key
+                self._finish(s, job, "failed", "artifact_rejected", f"unexpected artifact name {a['name']!r}")
+                return
             path = out_dir / a["name"]
             digest = sha256_of(path)
             if digest != a["sha256"]:
@@ -343,7 +379,44 @@ class _ChildState:
         self.error: dict[str, Any] | None = None
         self.cancel_at: float | None = None
         self.timed_out = False
+        self.lost = False  # another worker took the job over
         self.killed_at: float | None = None
+
+
+class _Heartbeat(threading.Thread):
+    """Beats for the job from claim to end, also while files download or upload, and tells the main loop
+    when someone asks to cancel or another worker has taken the job over."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        super().__init__(name=f"heartbeat-{sup.job_id}", daemon=True)
+        self.sup = sup
+        self.cancel, self.lost, self._stop_event = threading.Event(), threading.Event(), threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                ours, cancel = self.sup.heartbeat()
+                if not ours:
+                    self.lost.set()
+                if cancel:
+                    self.cancel.set()
+            except Exception:  # a database hiccup: beat again next time; staleness takes a while
+                self.sup.log.exception("job %s: heartbeat failed", self.sup.job_id)
+            self._stop_event.wait(self.sup.settings.heartbeat_interval)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=KILL_WAIT)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:

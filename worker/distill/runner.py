@@ -50,8 +50,11 @@ class RunResult:
 
 
 def fingerprint(spec: JobSpec) -> str:
-    """What makes two runs the same run: a checkpoint is only resumed by its own job."""
-    keep = spec.model_dump(include={"teacher", "student", "data", "hyperparameters", "baseline"}, mode="json")
+    """What makes two runs the same run: a checkpoint is only resumed by its own job. File paths and
+    limits are left out: a job taken over by a worker with another data folder is still the same job."""
+    keep = spec.model_dump(mode="json", include={
+        "teacher": {"format", "arch", "num_classes", "input"}, "student": {"arch", "input"},
+        "data": {"val_fraction", "augment"}, "hyperparameters": True, "baseline": True})
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -24,6 +24,7 @@ from ..pagination import page
 from ..schemas import TERMINAL, EventOut, JobCreate, JobOut, JobStatus, Page
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+MAX_EVENT_ID = 2**63 - 1  # the largest BIGINT: past it the database itself would refuse the query
 MEDIA_TYPES = {"onnx": "application/onnx", "metadata": "application/json"}
 
 
@@ -119,7 +120,8 @@ def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, An
 @router.get("/{job_id}/events", response_model=Page[EventOut], summary="The job's timeline, oldest first")
 def job_events(job_id: str, session: SessionDep, tenant: TenantDep,
                limit: Annotated[int, Query(ge=1, le=1000)] = 200,
-               after: Annotated[int | None, Query(description="the last event id seen")] = None) -> dict[str, Any]:
+               after: Annotated[int | None, Query(ge=0, le=MAX_EVENT_ID,
+                                                  description="the last event id seen")] = None) -> dict[str, Any]:
     _own_job(session, tenant.id, job_id)
     query = select(JobEvent).where(JobEvent.job_id == job_id)
     if after is not None:
