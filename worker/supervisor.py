@@ -132,9 +132,8 @@ class Supervisor:
                                 std=student.get("std"))
         data = req.get("data") or {}
         return JobSpec(
-            teacher=TeacherSpec(path=str(store.local_path(teacher.storage_key)), format=teacher.format
-                                if teacher.format != "safetensors" else "safetensors", arch=teacher.arch,
-                                num_classes=teacher.num_classes, input=t_input),
+            teacher=TeacherSpec(path=str(store.local_path(teacher.storage_key)), format=teacher.format,
+                                arch=teacher.arch, num_classes=teacher.num_classes, input=t_input),
             student=StudentSpec(arch=student["arch"], input=s_input),
             data=DataSpec(path=str(store.local_path(dataset.storage_key)), val_fraction=data.get("val_fraction", 0.2),
                           augment=data.get("augment", False), max_files=self.settings.max_dataset_files,
@@ -191,10 +190,9 @@ class Supervisor:
                                                self.settings.progress_interval):
                 self._write_progress(state)
                 last_progress_write = now
-            if self.beat.lost.is_set():
+            if self.beat.lost.is_set() and not state.lost:
                 self.log.warning("job %s: another worker holds the job now; stopping this copy", self.job_id)
                 state.lost = True
-                _kill_group(proc, state)
             if self.beat.cancel.is_set() and state.cancel_at is None:
                 state.cancel_at = now
                 cancel_file.touch()
@@ -203,7 +201,7 @@ class Supervisor:
             if now - state.started > max_seconds and not state.timed_out:
                 state.timed_out = True
                 self.log.warning("job %s: past its maximum run time of %.0f s; stopping it", self.job_id, max_seconds)
-            if (grace_over or state.timed_out) and proc.poll() is None:
+            if (grace_over or state.timed_out or state.lost) and proc.poll() is None:
                 _kill_group(proc, state)  # SIGTERM, then SIGKILL if the process lingers
             if eof and proc.poll() is not None:
                 break
