@@ -48,7 +48,11 @@ def requeue_pending(session: Session, settings: Settings, older_than: float = 30
     now = utcnow()
     cutoff = now - timedelta(seconds=older_than)
     stale = now - timedelta(seconds=settings.stale_after)
-    lost = select(Job).where(Job.status == "queued", Job.enqueued_at.is_(None), Job.created_at < cutoff)
+    # never sent, or sent so long ago that the broker may have lost it (a Redis restart without its
+    # append-only file); a duplicate message is harmless, the claim lets only one through
+    resend = now - timedelta(seconds=settings.requeue_after)
+    lost = select(Job).where(Job.status == "queued", Job.created_at < cutoff,
+                             or_(Job.enqueued_at.is_(None), Job.enqueued_at < resend))
     # enqueued_at < heartbeat_at: not sent again since the worker last showed life, so one message each time
     silent = select(Job).where(Job.status == "running", Job.heartbeat_at < stale,
                                or_(Job.enqueued_at.is_(None), Job.enqueued_at < Job.heartbeat_at))

@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     stale_after: float = Field(60.0, gt=0)  # a running job silent this long is taken over by another worker
     cancel_grace: float = Field(15.0, ge=0)
     visibility_timeout: int = Field(3 * 24 * 3600, gt=0)  # longer than the longest job (Redis broker)
+    requeue_after: float = Field(6 * 3600.0, gt=0)  # a job queued this long is sent to the broker again
 
     @property
     def resolved_database_url(self) -> str:

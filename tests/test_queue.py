@@ -35,6 +35,9 @@ def test_requeue_sends_lost_jobs_once_and_routes_by_live_workers(tmp_path):
                           val_source="split", sha256="0" * 64, size_bytes=1, storage_key="k"))
             s.flush()
             old = utcnow() - timedelta(minutes=5)
+            long_ago = utcnow() - timedelta(hours=7)
+            s.add(Job(id="job_forgotten", tenant_id=tenant.id, teacher_id="tch_1", dataset_id="ds_1", queue="lost",
+                      request={}, request_hash="x", created_at=long_ago, enqueued_at=long_ago))
             for i, enqueued in enumerate((None, old)):
                 s.add(Job(id=f"job_{i}", tenant_id=tenant.id, teacher_id="tch_1", dataset_id="ds_1", queue="lost",
                           request={}, request_hash="x", created_at=old, enqueued_at=enqueued))
@@ -47,13 +50,13 @@ def test_requeue_sends_lost_jobs_once_and_routes_by_live_workers(tmp_path):
                       request={}, request_hash="x", created_at=old, enqueued_at=old, status="running",
                       heartbeat_at=utcnow()))
         with session_scope(db) as s:
-            assert requeue_pending(s, settings) == 2
+            assert requeue_pending(s, settings) == 3
         with session_scope(db) as s:
             assert requeue_pending(s, settings) == 0  # sent once, not every sweep
             assert s.get(Job, "job_0").enqueued_at is not None
         r = redis.Redis.from_url(broker)
         sent = sorted(json.loads(m)["headers"]["argsrepr"] for m in r.lrange("lost", 0, -1))
-        assert sent == ["['job_0']", "['job_silent']"]
+        assert sent == ["['job_0']", "['job_forgotten']", "['job_silent']"]
 
         assert queue_now(settings) == "fallback"
         with session_scope(db) as s:
