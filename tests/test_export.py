@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from model_tools import scramble_batchnorm
 from safetensors.torch import load_file
 from torch import nn
 
@@ -29,16 +30,6 @@ def batch(n: int, channels: int, size: int, seed: int) -> torch.Tensor:
     return torch.randn(n, channels, size, size, generator=g)
 
 
-def scramble_batchnorm(model: nn.Module, seed: int = 0) -> None:
-    """Non-default BatchNorm statistics, so that a file that lost its buffers cannot match."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
 
 
 def run_file(fmt: str, path: Path, x: torch.Tensor) -> torch.Tensor:

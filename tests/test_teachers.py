@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from model_tools import scramble_batchnorm
 from onnx import TensorProto, helper
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -110,16 +111,6 @@ def batch(n: int, channels: int = 1, size: int = 8, seed: int = 1) -> torch.Tens
     return torch.randn(n, channels, size, size, generator=g)
 
 
-def scramble_batchnorm(model: nn.Module, seed: int = 0) -> None:
-    """Give every BatchNorm non-default statistics and affine terms, so that buffers matter for the logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
 
 
 def export_onnx_legacy(model: nn.Module, example: torch.Tensor, path: Path,

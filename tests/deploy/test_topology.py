@@ -35,18 +35,18 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 STAND_INS = {"postgres": "the machine's PostgreSQL", "redis": "the machine's Redis", "minio": "moto's S3 server"}
 
 
-class ComposeLoader(yaml.SafeLoader):
+class ComposeSafeLoader(yaml.SafeLoader):
     """Compose's YAML with its `!reset` / `!override` tags."""
 
 
-ComposeLoader.add_constructor("!reset", lambda loader, node: None)
-ComposeLoader.add_constructor("!override", lambda loader, node: loader.construct_object(node, deep=True))
+ComposeSafeLoader.add_constructor("!reset", lambda loader, node: None)
+ComposeSafeLoader.add_constructor("!override", lambda loader, node: loader.construct_object(node, deep=True))
 
 
 def load_compose(*names: str) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for name in names:
-        doc = yaml.load((REPO / name).read_text(), Loader=ComposeLoader)
+        doc = yaml.load((REPO / name).read_text(), Loader=ComposeSafeLoader)
         for svc, spec in doc.get("services", {}).items():
             base = merged.setdefault(svc, {})
             for key, value in spec.items():
