@@ -58,11 +58,17 @@ def wait_for(predicate, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
-def test_a_copy_that_lost_its_job_to_another_worker_stops_training_and_writes_nothing(deployment):
-    sup = Supervisor(deployment, "job_1", "worker-a")
+def start_training(settings: Settings) -> tuple[Supervisor, threading.Thread]:
+    """Supervise job_1 in a thread, as a Celery task would, and return once its child is training."""
+    sup = Supervisor(settings, "job_1", "worker-a")
     runner = threading.Thread(target=sup.run)
     runner.start()
-    wait_for(lambda: job(deployment)["progress"].get("step", 0) > 0)
+    wait_for(lambda: job(settings)["progress"].get("step", 0) > 0)
+    return sup, runner
+
+
+def test_a_copy_that_lost_its_job_to_another_worker_stops_training_and_writes_nothing(deployment):
+    sup, runner = start_training(deployment)
     with session_scope(deployment.resolved_database_url) as s:
         s.get(Job, "job_1").worker = "worker-b"  # as a takeover after a stale heartbeat would
     runner.join(timeout=60)
@@ -73,10 +79,7 @@ def test_a_copy_that_lost_its_job_to_another_worker_stops_training_and_writes_no
 
 
 def test_cancel_reaches_the_child_and_ends_the_job_cancelled(deployment):
-    sup = Supervisor(deployment, "job_1", "worker-a")
-    runner = threading.Thread(target=sup.run)
-    runner.start()
-    wait_for(lambda: job(deployment)["progress"].get("step", 0) > 0)
+    sup, runner = start_training(deployment)
     with session_scope(deployment.resolved_database_url) as s:
         s.get(Job, "job_1").cancel_requested = True
     runner.join(timeout=60)

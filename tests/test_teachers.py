@@ -248,7 +248,7 @@ def test_pickled_whole_module_is_refused_without_unpickling_it(tmp_path):
     msg = err.value.message
     assert "state_dict" in msg and "safetensors" in msg and "ONNX" in msg, msg
     assert UNPICKLED == [], "the whole-module checkpoint was unpickled"
-    # The trap is real: a plain unpickle of the same file springs it.
+    # The trap is real: a plain unpickle of this test's own file springs it (a control, never an upload).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.load(path, weights_only=False)
@@ -264,6 +264,7 @@ def test_reduce_exploit_inside_a_state_dict_checkpoint_is_never_executed(resnet8
         load_teacher(TeacherSpec(path=str(path), arch="resnet8", input=grey8()), device="cpu")
     assert err.value.code == "unsafe_checkpoint"
     assert UNPICKLED == []
+    # The trap is real: a plain unpickle of this test's own file springs it (a control, never an upload).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert torch.load(path, weights_only=False)["payload"] == "sprung"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import zipfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,8 +18,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from torch import nn
 
+from app.db import session_scope
 from app.main import create_app
+from app.models import Artifact
 from app.settings import Settings
+from app.storage import get_store
 
 TEACHER_ARCH = "resnet8"
 TEACHER_FORM = {"arch": TEACHER_ARCH, "num_classes": "10", "input_channels": "1", "input_size": "8",
@@ -192,3 +197,16 @@ class Uploaded:
 def created(resp: httpx.Response, content: bytes) -> Uploaded:
     assert resp.status_code == 201, resp.text
     return Uploaded(resp.json(), content)
+
+
+def store_artifact(settings: Settings, db_url: str, job_id: str, content: bytes, tmp_path: Path,
+                   name: str = "student.onnx") -> str:
+    """Put an artifact of `job_id` in the store and the database by hand, as a worker would; return its name."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    key = f"jobs/{job_id}/artifacts/{name}"
+    get_store(settings).put_file(key, path)
+    with session_scope(db_url) as s:
+        s.add(Artifact(job_id=job_id, name=name, format="onnx", size_bytes=len(content),
+                       sha256=hashlib.sha256(content).hexdigest(), storage_key=key))
+    return name

@@ -7,25 +7,14 @@ import os
 from pathlib import Path
 
 import pytest
-from api_support import Env, assert_error
-
-from app.db import session_scope
-from app.models import Artifact
-from app.storage import get_store
+from api_support import Env, assert_error, store_artifact
 
 
 @pytest.fixture
 def artifact(env: Env, job_a: dict, tmp_path: Path) -> tuple[dict, str, bytes]:
     """A 2.5 MB ONNX artifact (several store chunks) of a job of tenant A, put in the store by hand."""
     content = os.urandom((5 << 20) // 2)
-    path = tmp_path / "student.onnx"
-    path.write_bytes(content)
-    key = f"jobs/{job_a['id']}/artifacts/student.onnx"
-    get_store(env.settings).put_file(key, path)
-    with session_scope(env.db_url) as s:
-        s.add(Artifact(job_id=job_a["id"], name="student.onnx", format="onnx", size_bytes=len(content),
-                       sha256=hashlib.sha256(content).hexdigest(), storage_key=key))
-    return job_a, "student.onnx", content
+    return job_a, store_artifact(env.settings, env.db_url, job_a["id"], content, tmp_path), content
 
 
 def test_download_artifact(env: Env, artifact: tuple[dict, str, bytes]) -> None:

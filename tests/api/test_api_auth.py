@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
-from api_support import Env, Uploaded, assert_error, job_body
-
-from app.db import session_scope
-from app.models import Artifact
-from app.storage import get_store
+from api_support import Env, Uploaded, assert_error, job_body, store_artifact
 
 PROTECTED = [
     ("GET", "/v1/teachers"),
@@ -83,15 +78,7 @@ def test_auth_disabled_needs_no_header_and_is_its_own_tenant(env: Env, teacher_a
 
 @pytest.fixture
 def a_job_with_artifact(env: Env, job_a: dict, tmp_path: Path) -> tuple[dict, str]:
-    content = b"student weights of tenant A"
-    path = tmp_path / "student.onnx"
-    path.write_bytes(content)
-    key = f"jobs/{job_a['id']}/artifacts/student.onnx"
-    get_store(env.settings).put_file(key, path)
-    with session_scope(env.db_url) as s:
-        s.add(Artifact(job_id=job_a["id"], name="student.onnx", format="onnx", size_bytes=len(content),
-                       sha256=hashlib.sha256(content).hexdigest(), storage_key=key))
-    return job_a, "student.onnx"
+    return job_a, store_artifact(env.settings, env.db_url, job_a["id"], b"student weights of tenant A", tmp_path)
 
 
 def test_tenant_b_gets_404_for_every_object_of_tenant_a(env: Env, teacher_a: Uploaded, dataset_a: Uploaded,
