@@ -11,8 +11,11 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Column, Table
+
+from app.report import result_tables
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Distill small, fast student models from large teachers.")
@@ -25,6 +28,8 @@ console = Console(stderr=True)
 def run(
     spec: Path = typer.Argument(..., exists=True, dir_okay=False, help="job spec, YAML or JSON"),
     out: Path | None = typer.Option(None, "--out", "-o", help="artifact folder (overrides output_dir)"),
+    fresh: bool = typer.Option(False, "--fresh", help="delete the spec's checkpoints first and start over "
+                               "(default: resume from them)"),
 ) -> None:
     """Run a whole distillation locally and write the student's exports to a folder."""
     from worker.distill.errors import DistillError
@@ -36,6 +41,8 @@ def run(
         job = load_spec(spec)
         if out is not None:
             job = job.model_copy(update={"output_dir": str(out.resolve())})
+        if fresh:
+            _remove_checkpoints(job)
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                       TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console) as bar:
             task = bar.add_task("loading", total=1.0, info="")
@@ -49,21 +56,49 @@ def run(
                     f"val acc {m.student_accuracy:.4f}"
                     + (f"  teacher {m.teacher_accuracy:.4f}  agreement {m.agreement:.4f}"
                        if m.teacher_accuracy is not None else "") + ("  [green]best[/]" if m.best else "")),
-                on_event=lambda kind, message, data: bar.console.print(f"[cyan]{kind}[/] {message}"),
+                on_event=lambda kind, message, data: bar.console.print(_run_event_line(kind, message, data),
+                                                                       soft_wrap=True),
             )
             result = run_job(job, callbacks)
     except DistillError as e:
-        console.print(f"[red]error[/] [bold]{e.code}[/]: {e.message}")
+        console.print(f"[red]error[/] [bold]{e.code}[/]: {escape(e.message)}")
         raise typer.Exit(2) from None
-    table = Table("metric", "value", title="result")
-    for k, v in result.metrics.items():
-        if k != "per_class":
-            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    console.print(table)
+    for table in result_tables(result.metrics):
+        console.print(table)
+    for w in getattr(result, "warnings", None) or []:
+        code, message = (w.get("code"), w.get("message")) if isinstance(w, dict) else (None, str(w))
+        console.print(_run_event_line("warning", str(message), {"code": code}), soft_wrap=True)
     for f in result.files:
         console.print(f"  {result.output_dir / f.name}  {f.size_bytes:,} bytes  sha256 {f.sha256[:12]}…")
     json.dump(result.metrics, sys.stdout, default=str)
     sys.stdout.write("\n")
+
+
+def _remove_checkpoints(job: Any) -> None:
+    """`run --fresh`: delete the checkpoint folder the spec resumes from (checkpoint_dir, else
+    <output_dir>/checkpoints), so the run starts at epoch 0."""
+    import shutil
+
+    from worker.distill.spec import checkpoint_folder
+
+    folder = checkpoint_folder(job)
+    if folder.is_dir():
+        shutil.rmtree(folder)
+        console.print(f"[yellow]--fresh[/]: removed the checkpoints in {escape(str(folder))}", soft_wrap=True)
+    elif folder.exists():
+        folder.unlink()
+
+
+def _run_event_line(kind: str, message: str, data: dict[str, Any]) -> str:
+    """One engine event of `kdistill run` as a console line; a resumed run and a warning stand out."""
+    if kind == "resumed":
+        epoch = data.get("epoch")
+        where = f"the checkpoint of epoch {epoch}" if epoch is not None else "a checkpoint"
+        return f"[bold yellow]resuming from {where}[/] ({escape(message)}); pass --fresh to start over"
+    if kind == "warning":
+        code = data.get("code")
+        return f"[bold yellow]warning[/]{f' [bold]{escape(str(code))}[/]' if code else ''}: {escape(message)}"
+    return f"[cyan]{escape(kind)}[/] {escape(message)}"
 
 
 @cli.command()
@@ -218,7 +253,7 @@ def _fail(e: Exception) -> NoReturn:
 
     if isinstance(e, KdistillError):
         where = f" (field {e.field})" if e.field else ""
-        console.print(f"[red]error[/] [bold]{e.code}[/]{where}: {e.message}")
+        console.print(f"[red]error[/] [bold]{e.code}[/]{escape(where)}: {escape(e.message)}")
     else:
         console.print(f"[red]error[/] {e}")
     raise typer.Exit(1)
@@ -254,8 +289,9 @@ def _duration(seconds: float | None) -> str:
 
 def _event_line(event: dict[str, Any]) -> str:
     kind = event["kind"]
-    style = {"status": "bold", "epoch": "dim", "error": "red", "warning": "yellow"}.get(kind, "cyan")
-    return f"[{style}]{kind}[/] {event['message']}"
+    style = {"status": "bold", "epoch": "dim", "error": "red", "warning": "yellow",
+             "resumed": "yellow"}.get(kind, "cyan")
+    return f"[{style}]{escape(kind)}[/] {escape(event['message'])}"
 
 
 def _watch(client: Any, job_id: str, timeout: float | None) -> dict[str, Any]:
@@ -287,8 +323,17 @@ def _watch(client: Any, job_id: str, timeout: float | None) -> dict[str, Any]:
                        description=job.get("phase") or job["status"],
                        eta=f"ETA {_duration(eta)}" if eta is not None and job["status"] == "running" else "")
 
-        job = client.wait(job_id, timeout=timeout, poll=1.0, on_progress=show)
-    return job
+        # Its own loop rather than client.wait: that reports changes only, and a job that stays queued
+        # still needs the hint below, and new events need printing.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = client.get_job(job_id)
+            show(job)
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout} s")
+            time.sleep(1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic())))
 
 
 def _report(job: dict[str, Any], out: Console) -> None:
@@ -303,12 +348,10 @@ def _report(job: dict[str, Any], out: Console) -> None:
             line += f", ETA {_duration(p['eta_seconds'])}"
     out.print(line)
     if job.get("error"):
-        out.print(f"[red]error[/] [bold]{job['error']['code']}[/]: {job['error']['message']}")
-    metrics = {k: v for k, v in (job.get("metrics") or {}).items() if k != "per_class"}
-    if metrics:
-        table = Table("metric", "value")
-        for k, v in metrics.items():
-            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        out.print(f"[red]error[/] [bold]{escape(job['error']['code'])}[/]: {escape(job['error']['message'])}")
+    for w in job.get("warnings") or []:
+        out.print(f"[yellow]warning[/] [bold]{escape(str(w.get('code')))}[/]: {escape(str(w.get('message')))}")
+    for table in result_tables(job.get("metrics") or {}):
         out.print(table)
     for a in job.get("artifacts") or []:
         out.print(f"  {a['name']:28s} {a['format']:12s} {a['size_bytes']:>12,} bytes  sha256 {a['sha256'][:12]}…",
@@ -328,6 +371,8 @@ def submit(
     input_size: int = typer.Option(224, "--input-size", help="teacher input size (square)"),
     mean: str | None = typer.Option(None, "--mean", help="teacher input mean, comma-separated per channel"),
     std: str | None = typer.Option(None, "--std", help="teacher input std, comma-separated per channel"),
+    classes: str | None = typer.Option(None, "--classes", help="names of the teacher's outputs 0..N-1, "
+                                       'comma-separated ("cat,dog,fox") or a JSON list (default: from the file)'),
     epochs: int | None = typer.Option(None, "--epochs"),
     batch_size: int | None = typer.Option(None, "--batch-size"),
     learning_rate: float | None = typer.Option(None, "--learning-rate"),
@@ -364,9 +409,12 @@ def submit(
                 with console.status(f"uploading {teacher.name}..."):
                     t = client.upload_teacher(teacher, arch=arch, num_classes=num_classes,
                                               input_channels=input_channels, input_size=input_size,
-                                              mean=_csv_floats(mean, "--mean"), std=_csv_floats(std, "--std"))
+                                              mean=_csv_floats(mean, "--mean"), std=_csv_floats(std, "--std"),
+                                              classes=classes)
                 teacher_id = t["id"]
-                console.print(f"teacher [bold]{teacher_id}[/]: {t['format']}, {t['num_classes']} classes, "
+                named = f" ({escape(', '.join(t['classes'][:5]))}{', ...' if len(t['classes']) > 5 else ''})" \
+                    if t.get("classes") else ""
+                console.print(f"teacher [bold]{teacher_id}[/]: {t['format']}, {t['num_classes']} classes{named}, "
                               f"input {t['input_channels']}x{t['input_size'][0]}x{t['input_size'][-1]}")
             if dataset is not None:
                 with console.status(f"uploading {dataset.name}..."):

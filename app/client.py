@@ -18,6 +18,7 @@ disk; no file is read into memory whole.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +41,20 @@ class KdistillError(Exception):
         super().__init__(f"{code}: {message}" + (f" (field {field})" if field else ""))
         self.status, self.code, self.message, self.field = status, code, message, field
         self.body = body or {}
+
+
+def _names(v: Sequence[str] | str | None) -> str | None:
+    """Class names as the API takes them: a string as given (comma-separated or a JSON list), a list as
+    a JSON list (so that a name may hold a comma)."""
+    if v is None or isinstance(v, str):
+        return v
+    return json.dumps([str(x) for x in v])
+
+
+def _changes(job: dict[str, Any]) -> tuple[Any, ...]:
+    """What `wait` reports a change of: status, phase, progress (and a cancel request, warnings)."""
+    return (job.get("status"), job.get("phase"), json.dumps(job.get("progress"), sort_keys=True),
+            job.get("cancel_requested"), len(job.get("warnings") or []))
 
 
 def _floats(v: Sequence[float] | str | float | None) -> str | None:
@@ -114,11 +129,14 @@ class Client:
     def upload_teacher(self, path: str | os.PathLike[str], *, arch: str | None = None,
                        num_classes: int | None = None, input_channels: int = 3, input_size: int = 224,
                        mean: Sequence[float] | str | float | None = None,
-                       std: Sequence[float] | str | float | None = None, format: str | None = None) -> dict[str, Any]:
-        """Upload a checkpoint (safetensors / .pt state dict with `arch`, ONNX, TorchScript)."""
+                       std: Sequence[float] | str | float | None = None, format: str | None = None,
+                       classes: Sequence[str] | str | None = None) -> dict[str, Any]:
+        """Upload a checkpoint (safetensors / .pt state dict with `arch`, ONNX, TorchScript). `classes`: the
+        names of its outputs 0..N-1 (a list, or one comma-separated or JSON-list string); default: the names
+        the file carries, if any."""
         return self._upload("/v1/teachers", path, {
             "arch": arch, "num_classes": num_classes, "format": format, "input_channels": input_channels,
-            "input_size": input_size, "mean": _floats(mean), "std": _floats(std)})
+            "input_size": input_size, "mean": _floats(mean), "std": _floats(std), "classes": _names(classes)})
 
     def upload_dataset(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         """Upload an ImageFolder .zip / .tar.gz or an .npz (x, y, optional x_val, y_val, x_unlabeled)."""
@@ -170,13 +188,17 @@ class Client:
 
     def wait(self, job_id: str, *, timeout: float | None = None, poll: float = 1.0,
              on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Poll until the job is succeeded, failed or cancelled and return it; `on_progress(job)` after
-        each poll. Raises TimeoutError after `timeout` seconds (None: no limit)."""
+        """Poll until the job is succeeded, failed or cancelled and return it; `on_progress(job)` on the
+        first poll and then whenever its status, phase or progress changed. Raises TimeoutError after
+        `timeout` seconds (None: no limit)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        last: tuple[Any, ...] | None = None
         while True:
             job = self.get_job(job_id)
-            if on_progress is not None:
+            seen = _changes(job)
+            if on_progress is not None and seen != last:
                 on_progress(job)
+            last = seen
             if job["status"] in TERMINAL:
                 return job
             if deadline is not None and time.monotonic() >= deadline:

@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -75,6 +76,8 @@ class Teacher(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     storage_key: Mapped[str] = mapped_column(String(500))
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # names of outputs 0..num_classes-1 (given at upload or read from the file); None: output i = class i
+    classes: Mapped[list[Any] | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
@@ -93,6 +96,8 @@ class Dataset(Base):
     channels: Mapped[int] = mapped_column(Integer)
     image_size: Mapped[list[Any]] = mapped_column()
     val_source: Mapped[str] = mapped_column(String(20))
+    num_test: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    test_source: Mapped[str | None] = mapped_column(String(20), default=None)  # None: the dataset has no test split
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     storage_key: Mapped[str] = mapped_column(String(500))
@@ -119,6 +124,7 @@ class Job(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    warnings: Mapped[list[Any]] = mapped_column(default=list, server_default=text("'[]'"))  # [{code, message}]
     error_code: Mapped[str | None] = mapped_column(String(100), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)

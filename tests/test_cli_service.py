@@ -203,6 +203,8 @@ def test_serve_distils_the_example_end_to_end(service: Server, example_dir: Path
                                         input_channels=1, input_size=8, mean=[0.3], std=[0.37])
         dataset = client.upload_dataset(example_dir / "digits.npz")
         assert (dataset["num_train"], dataset["num_val"], dataset["num_classes"]) == (200, 300, 10)
+        assert (dataset["num_test"], dataset["test_source"]) == (540, "given")
+        assert teacher["classes"] == [str(i) for i in range(10)]  # read from the file's metadata
         assert teacher["id"] in [t["id"] for t in client.list_teachers()]
         assert dataset["id"] in [d["id"] for d in client.list_datasets(limit=1)]
 
@@ -246,27 +248,34 @@ def test_serve_distils_the_example_end_to_end(service: Server, example_dir: Path
     scripted = torch.jit.load(str(paths["student.torchscript.pt"]), map_location="cpu").eval()
     with torch.inference_mode():
         ts_acc = digits_test_accuracy(example_dir, lambda x: scripted(torch.from_numpy(x)).numpy())
-    print(f"reported (validation) {reported:.4f}, held-out ONNX {onnx_acc:.4f}, TorchScript {ts_acc:.4f}")
-    assert reported > 0.8
-    assert abs(onnx_acc - reported) <= 0.06 and abs(ts_acc - reported) <= 0.06
+    print(f"reported (test) {reported:.4f}, held-out ONNX {onnx_acc:.4f}, TorchScript {ts_acc:.4f}")
+    assert reported > 0.8 and job["metrics"]["accuracy_split"] == "test"
+    lo, hi = job["metrics"]["student_accuracy_ci"]
+    assert lo < reported < hi and job["metrics"]["test"]["n"] == 540
+    # the job's test split is these very images: the downloaded files score what the job reported
+    assert abs(onnx_acc - reported) <= 2 / 540 and abs(ts_acc - reported) <= 2 / 540
     assert abs(onnx_acc - ts_acc) < 0.005
 
 
 @pytest.mark.slow
 def test_cli_submit_wait_status_download(service: Server, example_dir: Path, tmp_path: Path):
     env = _env(KDISTILL_URL=service.url)
+    names = json.dumps([str(i) for i in range(10)])  # the teacher's outputs by name, as a JSON list
     submitted = kdistill("submit", "--teacher", str(example_dir / "teacher.safetensors"), *ARCH_ARGS,
-                         "--dataset", str(example_dir / "digits.npz"), "--student", "resnet8", "--epochs", "2",
-                         "--batch-size", "64", "--temperature", "3", "--alpha", "0.8", "--hp", "seed=1",
-                         "--export", "onnx", "--wait", "--json", cwd=tmp_path, env=env)
+                         "--classes", names, "--dataset", str(example_dir / "digits.npz"), "--student", "resnet8",
+                         "--epochs", "2", "--batch-size", "64", "--temperature", "3", "--alpha", "0.8", "--hp",
+                         "seed=1", "--export", "onnx", "--wait", "--json", cwd=tmp_path, env=env)
     job = json.loads(submitted.stdout)
     assert job["status"] == "succeeded", submitted.stderr
+    with Client(service.url) as client:
+        assert client.get_teacher(job["teacher_id"])["classes"] == json.loads(names)
     assert job["request"]["hyperparameters"]["temperature"] == 3.0 and job["request"]["export_formats"] == ["onnx"]
     assert job["request"]["hyperparameters"]["seed"] == 1
     assert "student epoch 2/2" in submitted.stderr  # the watch printed the epochs as they came
 
     shown = kdistill("status", job["id"], cwd=tmp_path, env=env)
-    assert "succeeded" in shown.stdout and "student_accuracy" in shown.stdout
+    assert "succeeded" in shown.stdout and "accuracy on the test split, 540 samples" in shown.stdout
+    assert "95% interval" in shown.stdout and "latency, batch 32" in shown.stdout
     watched = kdistill("status", job["id"], "--watch", "--json", cwd=tmp_path, env=env)
     assert json.loads(watched.stdout)["metrics"] == job["metrics"]
 
@@ -287,6 +296,10 @@ def test_cli_submit_wait_status_download(service: Server, example_dir: Path, tmp
     bad = kdistill("submit", "--teacher-id", job["teacher_id"], "--dataset-id", job["dataset_id"], "--student",
                    "resnet8", "--epochs", "0", cwd=tmp_path, env=env, check=False)
     assert bad.returncode == 1 and "invalid_hyperparameter" in bad.stderr
+    clashing = kdistill("submit", "--teacher", str(example_dir / "teacher.safetensors"), *ARCH_ARGS,
+                        "--classes", "a,b,A", "--dataset-id", job["dataset_id"], "--student", "resnet8",
+                        cwd=tmp_path, env=env, check=False)
+    assert clashing.returncode == 1 and "invalid_classes" in clashing.stderr and "classes" in clashing.stderr
 
 
 @pytest.mark.slow
@@ -359,3 +372,36 @@ def test_keys_create_authenticates_against_serve_with_auth(tmp_path: Path):
     finally:
         server.stop(signal.SIGTERM)
     assert server.proc.returncode == 0 and not pids_matching(str(data_dir))
+
+
+@pytest.mark.slow
+def test_kdistill_run_says_when_it_resumes_and_fresh_starts_over(tmp_path: Path):
+    """`kdistill run` resumes from the checkpoints a run left, says so in plain sight, and `--fresh` deletes
+    them first. The teacher is untrained, so the teacher check warns (checks.teacher: warn) and that shows."""
+    from safetensors.torch import save_file
+
+    from worker.distill.students import create_model
+
+    torch.manual_seed(0)
+    save_file(create_model("resnet8", num_classes=4, in_channels=1).state_dict(), str(tmp_path / "t.safetensors"))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 255, (96, 8, 8), dtype=np.uint8), y=np.arange(96) % 4)
+    spec = {"teacher": {"path": "t.safetensors", "arch": "resnet8", "input": {"channels": 1, "size": 8}},
+            "student": {"arch": "resnet8"}, "data": {"path": "d.npz"}, "checks": {"teacher": "warn"},
+            "hyperparameters": {"epochs": 2, "batch_size": 32, "device": "cpu"}, "export_formats": ["onnx"],
+            "output_dir": "out"}
+    (tmp_path / "job.json").write_text(json.dumps(spec))
+
+    first = kdistill("run", "job.json", cwd=tmp_path, timeout=300)
+    assert "resuming" not in first.stderr
+    assert "warning" in first.stderr and "teacher_not_predictive" in first.stderr, first.stderr
+    assert (tmp_path / "out" / "checkpoints").is_dir() and (tmp_path / "out" / "student.onnx").is_file()
+
+    again = kdistill("run", "job.json", cwd=tmp_path, timeout=300)
+    assert "resuming from the checkpoint of epoch 2" in again.stderr, again.stderr
+    assert "pass --fresh to start over" in again.stderr
+
+    fresh = kdistill("run", "job.json", "--fresh", cwd=tmp_path, timeout=300)
+    assert "removed the checkpoints" in fresh.stderr, fresh.stderr
+    assert "resuming" not in fresh.stderr
+    assert json.loads(fresh.stdout.strip().splitlines()[-1])["resumed_from_epoch"] == 0

@@ -21,6 +21,7 @@ from worker.distill.data import (
     safe_extract,
     to_model_input,
 )
+from worker.distill.data.split import carve_splits, split_indices
 from worker.distill.errors import DatasetError
 from worker.distill.spec import DataSpec as Spec
 from worker.distill.spec import InputSpec
@@ -207,7 +208,7 @@ def test_inspect_folder_matches_load(tmp_path: Path) -> None:
     assert info == d.info()
     assert info.to_dict() == {"format": "imagefolder", "classes": ["a", "b"], "num_classes": 2,
                               "num_train": 7, "num_val": 2, "num_unlabeled": 1, "channels": 1,
-                              "image_size": [6, 6], "val_source": "split"}
+                              "image_size": [6, 6], "val_source": "split", "num_test": 0, "test_source": None}
 
 
 # ---------------------------------------------------------------- npz
@@ -269,6 +270,182 @@ def test_split_keeps_single_sample_classes_in_train(tmp_path: Path) -> None:
     class_folders(tmp_path / "singles", {"a": 1, "b": 1, "c": 1})
     s = load_dataset(tmp_path / "singles", SPEC, seed=0)
     assert (s.num_train_labelled, s.num_val) == (2, 1)  # falls back to a plain random split
+
+
+# ---------------------------------------------------------------- the held-out test split
+
+
+def tagged_npz(path: Path, counts: list[int], **extra: np.ndarray) -> np.ndarray:
+    """An npz whose sample i has pixel (0, 0) == i, so splits can be traced; returns its labels."""
+    y = np.repeat(np.arange(len(counts)), counts)
+    x = np.random.default_rng(0).integers(0, 256, (len(y), 4, 4), dtype=np.uint8)
+    x[:, 0, 0] = np.arange(len(y))
+    np.savez(path, x=x, y=y, **extra)
+    return y
+
+
+def tags(s) -> list[int]:
+    return s.images[:, 0, 0, 0].tolist()
+
+
+def test_imagefolder_test_split(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    class_folders(src / "train", {"a": 4, "b": 3, "c": 2})
+    class_folders(src / "val", {"a": 1, "c": 1})
+    want = [write_image(src / "test" / c / f"t{i}.png", seed=1000 + i) for i, c in enumerate("bbc")]
+    write_image(src / "unlabeled" / "u.png")
+    archive = zip_folder(src, tmp_path / "up.zip", prefix="wrap/")
+    spec = Spec(path="unused", val_fraction=0.25, test_fraction=0.5)  # ignored: the dataset gives test/
+    d = load_dataset(archive, spec, seed=0)
+    assert d.classes == ["a", "b", "c"]  # test/ is a split, not a class
+    assert (d.val_source, d.test_source) == ("given", "given")
+    assert (d.num_train_labelled, d.num_val, d.num_test, d.num_unlabeled) == (9, 2, 3, 1)
+    assert d.test is not None and d.test.labels.tolist() == [1, 1, 2]
+    assert d.val.labels.tolist() == [0, 2]
+    # one tensor, in the order train + unlabeled + val + test: views, nothing copied
+    base = d.train.images.untyped_storage().data_ptr()
+    assert d.val.images.untyped_storage().data_ptr() == base == d.test.images.untyped_storage().data_ptr()
+    assert d.test.images.shape == (3, 3, 8, 8)
+    # the test images are test/'s files, in order, and none of them is in train or val
+    assert torch.equal(d.test.images, torch.from_numpy(np.stack(want)).permute(0, 3, 1, 2))
+    train_and_val = torch.cat([d.train.images, d.val.images])
+    for img in d.test.images:
+        assert not (train_and_val == img).flatten(1).all(1).any()
+    info = inspect_dataset(archive, spec)
+    assert info == d.info() and info.to_dict()["num_test"] == 3 and info.to_dict()["test_source"] == "given"
+
+
+def test_imagefolder_test_split_layout_errors(tmp_path: Path) -> None:
+    class_folders(tmp_path / "mm" / "train", {"a": 2, "b": 2})
+    class_folders(tmp_path / "mm" / "test", {"a": 1, "z": 1})
+    err = error_of(load_dataset, tmp_path / "mm", SPEC, seed=0)
+    assert err.code == "class_mismatch" and "test/z" in err.message and "test classes" in err.message
+    class_folders(tmp_path / "lone" / "test", {"a": 1, "b": 1})
+    err = error_of(load_dataset, tmp_path / "lone", SPEC, seed=0)
+    assert err.code == "invalid_layout" and "test/ needs a train/ folder" in err.message
+    class_folders(tmp_path / "flat", {"a": 2, "b": 2, "test": 2})  # never a class called test: a split
+    err = error_of(load_dataset, tmp_path / "flat", SPEC, seed=0)
+    assert err.code == "invalid_layout" and "test/" in err.message
+    class_folders(tmp_path / "wrapped" / "test", {"a": 1, "b": 1})  # nor a wrapper folder to step into
+    err = error_of(load_dataset, zip_folder(tmp_path / "wrapped", tmp_path / "w.zip"), SPEC, seed=0)
+    assert err.code == "invalid_layout" and "test/ needs a train/ folder" in err.message
+
+
+def test_npz_given_test_split(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    x_test = rng.integers(0, 256, (3, 4, 4), dtype=np.uint8)
+    y = tagged_npz(tmp_path / "d.npz", [4, 4], x_test=x_test, y_test=np.array([1, 0, 1]),
+                   x_unlabeled=np.zeros((2, 4, 4), np.uint8))
+    spec = Spec(path="unused", val_fraction=0.25, test_fraction=0.5)  # ignored: the dataset gives x_test
+    d = load_dataset(tmp_path / "d.npz", spec, seed=0, target_size=(6, 6))
+    assert (d.val_source, d.test_source, d.num_test, d.num_unlabeled) == ("split", "given", 3, 2)
+    assert d.num_train_labelled + d.num_val == len(y)  # nothing carved for test
+    assert d.test is not None and d.test.labels.tolist() == [1, 0, 1] and d.test.images.shape == (3, 1, 6, 6)
+    plain = load_dataset(tmp_path / "d.npz", spec, seed=0)
+    assert plain.test is not None and torch.equal(plain.test.images[:, 0], torch.from_numpy(x_test))
+    assert inspect_dataset(tmp_path / "d.npz", spec) == plain.info()
+
+
+@pytest.mark.parametrize(("extra", "code"), [
+    ({"x_test": np.zeros((2, 8, 8), np.uint8)}, "missing_array"),
+    ({"y_test": np.array([0, 1])}, "missing_array"),
+    ({"x_test": np.zeros((2, 8, 7), np.uint8), "y_test": np.array([0, 1])}, "shape_mismatch"),
+    ({"x_test": np.zeros((2, 8, 8), np.uint8), "y_test": np.array([0, 2])}, "invalid_labels"),
+    ({"x_test": np.zeros((2, 8, 8), np.uint8), "y_test": np.array([0, 1, 1])}, "shape_mismatch"),
+])
+def test_npz_test_split_validation(tmp_path: Path, extra: dict, code: str) -> None:
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 8, 8), np.uint8), y=np.array([0, 1, 0, 1]), **extra)
+    err = error_of(load_dataset, tmp_path / "d.npz", SPEC, seed=0)
+    assert err.code == code and "d.npz" in err.message
+    if code == "missing_array":
+        assert "x_test" in err.message and "y_test" in err.message
+
+
+def test_npz_test_split_counts_in_the_byte_budget(tmp_path: Path) -> None:
+    x = np.zeros((4, 8, 8), np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=np.array([0, 1, 0, 1]), x_test=x, y_test=np.array([0, 1, 0, 1]))
+    need = 2 * x.nbytes + 2 * 4 * np.dtype(np.int64).itemsize  # 512 image bytes + the labels
+    assert load_dataset(tmp_path / "d.npz", Spec(path="unused", max_decoded_bytes=need), seed=0).num_test == 4
+    err = error_of(load_dataset, tmp_path / "d.npz", Spec(path="unused", max_decoded_bytes=need - 1), seed=0)
+    assert err.code == "dataset_too_large"
+    # a larger target size is checked against the limit, test images included (8 images x 16 x 16 = 2048 B)
+    err = error_of(load_dataset, tmp_path / "d.npz", Spec(path="unused", max_decoded_bytes=2047), seed=0,
+                   target_size=(16, 16))
+    assert err.code == "dataset_too_large" and "the 8 images" in err.message
+    assert load_dataset(tmp_path / "d.npz", Spec(path="unused", max_decoded_bytes=2048), seed=0,
+                        target_size=(16, 16)).test.images.shape == (4, 1, 16, 16)
+
+
+def test_carved_test_split_is_fixed_stratified_and_disjoint(tmp_path: Path) -> None:
+    counts = [60, 45, 30, 12, 3, 2, 1]
+    y = tagged_npz(tmp_path / "d.npz", counts, x_unlabeled=np.full((5, 4, 4), 255, dtype=np.uint8))
+    spec = Spec(path="unused", val_fraction=0.2, test_fraction=0.2)
+    runs = [load_dataset(tmp_path / "d.npz", spec, seed=s) for s in (0, 1, 2, 3)]
+    first = runs[0]
+    assert first.test is not None and (first.test_source, first.val_source) == ("split", "split")
+    for d in runs:
+        assert d.test is not None and tags(d.test) == tags(first.test)  # the job seed never moves test samples
+        assert torch.equal(d.test.labels, first.test.labels)
+        train_tags = tags(d.train)[:d.num_train_labelled]
+        assert sorted(train_tags + tags(d.val) + tags(d.test)) == list(range(len(y)))  # a partition
+        assert d.num_unlabeled == 5 and (d.train.labels[-5:] == -1).all()
+        assert (y[tags(d.test)] == d.test.labels.numpy()).all() and (y[tags(d.val)] == d.val.labels.numpy()).all()
+    assert any(tags(d.val) != tags(first.val) for d in runs[1:])  # ... while val still follows it
+    # stratified: every class with >= 2 samples is in test, about test_fraction of each; a single sample stays
+    assert np.bincount(first.test.labels.numpy(), minlength=len(counts)).tolist() == [12, 9, 6, 2, 1, 1, 0]
+    assert first.class_counts()[6] == 1
+    # val is still about val_fraction of the labelled data, not of what test left
+    assert abs(first.num_val / len(y) - 0.2) < 0.02 and abs(first.num_test / len(y) - 0.2) < 0.02
+    # the test samples depend on test_fraction alone, not on val_fraction
+    other = load_dataset(tmp_path / "d.npz", spec.model_copy(update={"val_fraction": 0.5}), seed=9)
+    assert other.test is not None and tags(other.test) == tags(first.test)
+    assert inspect_dataset(tmp_path / "d.npz", spec) == first.info()
+    assert first.info().to_dict()["num_test"] == 31 and first.info().to_dict()["test_source"] == "split"
+
+
+def test_carved_test_split_from_folders_with_given_val(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    class_folders(src / "train", {"a": 10, "b": 5, "c": 1})
+    class_folders(src / "val", {"a": 1, "b": 1})
+    archive = tar_folder(src, tmp_path / "up.tgz")
+    spec = Spec(path="unused", val_fraction=0.3, test_fraction=0.2)
+    d = load_dataset(archive, spec, seed=0)
+    again = load_dataset(archive, spec, seed=7)
+    assert (d.val_source, d.test_source) == ("given", "split")
+    assert d.test is not None and again.test is not None and torch.equal(d.test.images, again.test.images)
+    assert d.test.labels.tolist() == [0, 0, 1] and d.val.labels.tolist() == [0, 1]  # c's only sample: train
+    assert (d.num_train_labelled, d.num_val, d.num_test) == (13, 2, 3)
+    assert d.class_counts().tolist() == [8, 4, 1]
+    base = d.train.images.untyped_storage().data_ptr()  # train + val + test: views of one decoded tensor
+    assert d.val.images.untyped_storage().data_ptr() == base == d.test.images.untyped_storage().data_ptr()
+    for img in d.test.images:  # every file of train/ has its own pixels: none of test's is in train
+        assert not (d.train.images == img).flatten(1).all(1).any()
+    assert inspect_dataset(archive, spec) == d.info()
+
+
+def test_no_test_split_without_test_fraction(tmp_path: Path) -> None:
+    y = tagged_npz(tmp_path / "d.npz", [4, 3])
+    d = load_dataset(tmp_path / "d.npz", SPEC, seed=0)
+    assert d.test is None and d.test_source is None and d.num_test == 0
+    assert d.num_train_labelled + d.num_val == len(y)  # few labels: every one is kept for train and val
+    assert inspect_dataset(tmp_path / "d.npz", SPEC).to_dict()["num_test"] == 0
+    class_folders(tmp_path / "singles", {"a": 1, "b": 1, "c": 1})  # nothing can be held out per class
+    s = load_dataset(tmp_path / "singles", Spec(path="unused", val_fraction=0.25, test_fraction=0.3), seed=0)
+    assert s.test is None and s.test_source is None and (s.num_train_labelled, s.num_val) == (2, 1)
+
+
+def test_carve_splits_by_hand() -> None:
+    labels = np.repeat(np.arange(3), [10, 4, 1])
+    a = carve_splits(labels, val_fraction=0.2, test_fraction=0.3, seed=1)
+    b = carve_splits(labels, val_fraction=0.2, test_fraction=0.3, seed=2)
+    assert np.array_equal(a[2], b[2]) and np.array_equal(a[2], np.sort(a[2]))
+    assert sorted(np.concatenate(a).tolist()) == list(range(len(labels)))
+    assert np.bincount(labels[a[2]], minlength=3).tolist() == [3, 1, 0]
+    assert np.bincount(labels[a[1]], minlength=3).tolist() == [2, 1, 0]  # 0.2 / 0.7 of the 7 and 3 left
+    train, val, test = carve_splits(labels, val_fraction=0.2, test_fraction=0.0, seed=1)
+    assert len(test) == 0 and [train.tolist(), val.tolist()] == [x.tolist() for x in split_indices(labels, 0.2, 1)]
+    train, val, test = carve_splits(labels, val_fraction=0.2, test_fraction=0.3, seed=1, carve_val=False)
+    assert len(val) == 0 and np.array_equal(test, a[2]) and len(train) + len(test) == len(labels)
 
 
 # ---------------------------------------------------------------- hostile archives

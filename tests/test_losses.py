@@ -141,3 +141,28 @@ def test_inverse_frequency_weights():
 def test_distillation_loss_refuses_bad_settings(bad):
     with pytest.raises(ValueError):
         DistillationLoss(**bad)
+
+
+def test_hard_distillation_keeps_samples_the_teacher_puts_in_a_zero_weight_class():
+    # "auto" weights give a class without labels weight 0; a batch the teacher puts entirely there once
+    # gave NaN (0/0) and silently dropped every such sample. The teacher's answers must still teach.
+    teacher = torch.tensor([[0.0, 0.0, 5.0]] * 4)
+    student = torch.zeros(4, 3, requires_grad=True)
+    labels = torch.tensor([-1, -1, -1, -1])
+    loss = DistillationLoss(kind="hard", alpha=0.9, class_weights=torch.tensor([1.0, 1.0, 0.0]))
+    parts = loss(student, labels, teacher)
+    assert torch.isfinite(parts.total) and parts.distill.item() == pytest.approx(math.log(3))
+    parts.total.backward()
+    assert student.grad[:, 2].lt(0).all()  # pushed towards the teacher's class
+
+
+def test_class_weights_weight_the_label_term_only():
+    s = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.5, 0.5]])
+    t = torch.tensor([[0.0, 3.0], [3.0, 0.0], [1.0, 0.0]])
+    y = torch.tensor([0, 1, 0])
+    w = torch.tensor([1.0, 3.0])
+    for kind in ("soft", "hard"):
+        weighted = DistillationLoss(kind=kind, alpha=0.5, class_weights=w)(s, y, t)
+        plain = DistillationLoss(kind=kind, alpha=0.5)(s, y, t)
+        assert weighted.distill.item() == pytest.approx(plain.distill.item())
+        assert weighted.label.item() != pytest.approx(plain.label.item())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -13,11 +14,11 @@ from app.db import session_scope
 from app.jobs import job_view
 from app.keys import get_or_create_tenant
 from app.migrate import upgrade
-from app.models import Dataset, Job, Teacher
+from app.models import Dataset, Job, JobEvent, Teacher
 from app.settings import Settings
 from app.storage import get_store
 from worker.distill.students import create_model
-from worker.supervisor import Supervisor
+from worker.supervisor import Supervisor, _ChildState
 
 
 @pytest.fixture
@@ -42,7 +43,9 @@ def deployment(tmp_path):
         s.flush()
         s.add(Job(id="job_1", tenant_id=tenant.id, teacher_id="tch_1", dataset_id="ds_1", queue="cpu",
                   request_hash="x", request={"student": {"arch": "resnet8"}, "export_formats": ["onnx"],
-                                             "hyperparameters": {"epochs": 400, "batch_size": 8, "device": "cpu"}}))
+                                             "hyperparameters": {"epochs": 400, "batch_size": 8, "device": "cpu"},
+                                             # the teacher is untrained: near chance, which fails a job by default
+                                             "checks": {"teacher": "warn"}}))
     return settings
 
 
@@ -63,7 +66,13 @@ def start_training(settings: Settings) -> tuple[Supervisor, threading.Thread]:
     sup = Supervisor(settings, "job_1", "worker-a")
     runner = threading.Thread(target=sup.run)
     runner.start()
-    wait_for(lambda: job(settings)["progress"].get("step", 0) > 0)
+
+    def training() -> bool:
+        now = job(settings)
+        assert now["status"] in ("queued", "running"), f"the job ended before training: {now['error']}"
+        return now["progress"].get("step", 0) > 0
+
+    wait_for(training)
     return sup, runner
 
 
@@ -109,3 +118,84 @@ def test_the_deployment_limit_caps_a_longer_requested_run_time(deployment):
     Supervisor(settings, "job_1", "worker-a").run()
     done = job(settings)
     assert done["status"] == "failed" and done["error"]["code"] == "job_timeout"
+
+
+def _warning_line(code: str, message: str) -> str:
+    return json.dumps({"type": "event", "kind": "warning", "message": message, "data": {"code": code}})
+
+
+def test_the_spec_carries_teacher_names_test_fraction_and_checks(deployment):
+    with session_scope(deployment.resolved_database_url) as s:
+        s.get(Teacher, "tch_1").classes = ["d", "c", "b", "a"]
+        j = s.get(Job, "job_1")
+        j.request = {**j.request, "data": {"val_fraction": 0.25, "test_fraction": 0.2, "augment": False},
+                     "checks": {"teacher": "warn"}}
+    sup = Supervisor(deployment, "job_1", "worker-a")
+    with session_scope(deployment.resolved_database_url) as s:
+        j = s.get(Job, "job_1")
+        spec = sup._spec(j, s.get(Teacher, "tch_1"), s.get(Dataset, "ds_1"))
+    assert spec.teacher.classes == ["d", "c", "b", "a"]
+    assert spec.data.val_fraction == 0.25 and spec.data.test_fraction == 0.2
+    assert spec.checks.teacher == "warn"
+    # a request from before these fields: no names, no test split, the teacher check fails the job
+    with session_scope(deployment.resolved_database_url) as s:
+        s.get(Teacher, "tch_1").classes = None
+        j = s.get(Job, "job_1")
+        j.request = {k: v for k, v in j.request.items() if k not in ("data", "checks")}
+        spec = sup._spec(j, s.get(Teacher, "tch_1"), s.get(Dataset, "ds_1"))
+    assert spec.teacher.classes is None and spec.data.test_fraction == 0 and spec.checks.teacher == "fail"
+
+
+def test_warnings_are_recorded_as_they_come_once_each_and_a_failed_job_keeps_them(deployment):
+    sup = Supervisor(deployment, "job_1", "worker-a")
+    assert sup.claim()
+    state = _ChildState(started=time.monotonic())
+    sup._handle_line(_warning_line("teacher_not_predictive", "near chance"), state)
+    assert job(deployment)["warnings"] == [{"code": "teacher_not_predictive", "message": "near chance"}]
+    sup._handle_line(_warning_line("teacher_not_predictive", "near chance"), state)  # the same again
+    sup._handle_line(_warning_line("few_labels", "only 8 labelled samples"), state)
+    sup._handle_line(json.dumps({"type": "event", "kind": "info", "message": "not a warning", "data": {}}), state)
+    expected = [{"code": "teacher_not_predictive", "message": "near chance"},
+                {"code": "few_labels", "message": "only 8 labelled samples"}]
+    assert job(deployment)["warnings"] == expected
+    sup._handle_line(json.dumps({"type": "error", "code": "export_mismatch", "message": "the ONNX file disagrees"}),
+                     state)
+    sup._conclude(2, state, 100.0)
+    done = job(deployment)
+    assert done["status"] == "failed" and done["error"]["code"] == "export_mismatch"
+    assert done["warnings"] == expected
+    with session_scope(deployment.resolved_database_url) as s:
+        kinds = [e.kind for e in s.query(JobEvent).filter(JobEvent.job_id == "job_1").order_by(JobEvent.id)]
+    assert kinds.count("warning") == 3, "every warning line stays in the timeline"
+
+
+def test_a_succeeded_job_takes_the_warnings_of_the_result(deployment):
+    sup = Supervisor(deployment, "job_1", "worker-a")
+    assert sup.claim()
+    state = _ChildState(started=time.monotonic())
+    sup._handle_line(_warning_line("teacher_not_predictive", "near chance"), state)
+    (sup.job_dir / "out").mkdir(parents=True)
+    result = {"artifacts": [], "metrics": {"student_accuracy": 0.5}, "warnings": [
+        {"code": "teacher_not_predictive", "message": "near chance"},
+        {"code": "small_test_split", "message": "12 test samples: wide intervals"}]}
+    with session_scope(deployment.resolved_database_url) as s:
+        sup._store_artifacts(s, s.get(Job, "job_1"), result)
+    done = job(deployment)
+    assert done["status"] == "succeeded"
+    assert done["warnings"] == result["warnings"]
+
+
+def test_a_teacher_near_chance_only_warns_with_checks_warn(deployment):
+    """A real run: an untrained teacher fails the teacher check; `checks.teacher: warn` turns that into a
+    warning on the job, recorded while it runs, and the job still succeeds."""
+    with session_scope(deployment.resolved_database_url) as s:
+        j = s.get(Job, "job_1")
+        j.request = {**j.request, "hyperparameters": {"epochs": 1, "batch_size": 64, "device": "cpu"},
+                     "checks": {"teacher": "warn"}}
+    Supervisor(deployment, "job_1", "worker-a").run()
+    done = job(deployment)
+    assert done["status"] == "succeeded", done["error"]
+    assert "teacher_not_predictive" in [w["code"] for w in done["warnings"]], done["warnings"]
+    with session_scope(deployment.resolved_database_url) as s:
+        events = s.query(JobEvent).filter(JobEvent.job_id == "job_1", JobEvent.kind == "warning").all()
+        assert any(e.data.get("code") == "teacher_not_predictive" for e in events)

@@ -3,6 +3,7 @@ TeacherError with a stable code instead of a crash (or, worse, code execution)."
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -607,3 +608,68 @@ def test_check_finite():
     with pytest.raises(TeacherError) as err:
         check_finite(worse, "x")
     assert "3 of 4" in err.value.message
+
+
+# ----------------------------------------------------------------------------------- class names in files
+
+NAMES4 = ["cat", "dog", "bird", "fish"]
+
+
+def test_class_names_are_read_from_onnx_metadata_props(tiny, tmp_path):
+    path = export_onnx_legacy(tiny, batch(2), tmp_path / "named.onnx", {0: "N"})
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, {"classes": json.dumps(NAMES4), "author": "someone"})
+    onnx.save(proto, str(path))
+    teacher = load_teacher(TeacherSpec(path=str(path), input=grey8()), device="cpu")
+    assert teacher.classes == NAMES4 and teacher.describe()["classes"] == NAMES4
+
+
+def test_class_names_are_read_from_safetensors_metadata(resnet8, tmp_path):
+    path = tmp_path / "named.safetensors"
+    names = [f"digit {i}" for i in range(10)]
+    save_file({k: v.contiguous() for k, v in resnet8.state_dict().items()}, str(path),
+              metadata={"classes": json.dumps(names)})
+    teacher = load_teacher(TeacherSpec(path=str(path), arch="resnet8", input=grey8()), device="cpu")
+    assert teacher.classes == names
+
+
+def test_class_names_are_read_from_a_torchscript_extra_file(tiny, tmp_path):
+    path = tmp_path / "named.torchscript"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(tiny), str(path), _extra_files={"classes.json": json.dumps(NAMES4)})
+    assert load_teacher(TeacherSpec(path=str(path), input=grey8()), device="cpu").classes == NAMES4
+
+
+def test_given_classes_win_over_the_file_and_plain_files_have_none(tiny, tmp_path):
+    path = export_onnx_legacy(tiny, batch(2), tmp_path / "plain.onnx", {0: "N"})
+    assert load_teacher(TeacherSpec(path=str(path), input=grey8()), device="cpu").classes is None
+    given = load_teacher(TeacherSpec(path=str(path), input=grey8(), classes="a, b ,c,d"), device="cpu")
+    assert given.classes == ["a", "b", "c", "d"]
+
+
+@pytest.mark.parametrize("names", [["a", "b", "c"], ["a", "b", "c", "d", "e"]])
+def test_a_name_count_that_differs_from_the_outputs_is_class_count_mismatch(names, tiny, tmp_path):
+    path = export_onnx_legacy(tiny, batch(2), tmp_path / "t.onnx", {0: "N"})
+    with pytest.raises(TeacherError) as err:
+        load_teacher(TeacherSpec(path=str(path), input=grey8(), classes=names), device="cpu")
+    assert err.value.code == "class_count_mismatch" and err.value.field == "teacher.classes"
+    assert f"{len(names)} names" in err.value.message and "4 outputs" in err.value.message
+
+
+@pytest.mark.parametrize("stored", ['["a", "A ", "b", "c"]', '{"0": "a"}', "not json", '["a", "", "b", "c"]'])
+def test_unusable_names_in_a_file_are_invalid_classes(stored, tiny, tmp_path):
+    path = export_onnx_legacy(tiny, batch(2), tmp_path / "t.onnx", {0: "N"})
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, {"classes": stored})
+    onnx.save(proto, str(path))
+    assert code_of(TeacherSpec(path=str(path), input=grey8())) == "invalid_classes"
+
+
+def test_restricted_teacher_returns_the_chosen_outputs_in_order(tiny, tmp_path):
+    path = export_onnx_legacy(tiny, batch(2), tmp_path / "t.onnx", {0: "N"})
+    teacher = load_teacher(TeacherSpec(path=str(path), input=grey8(), classes=NAMES4), device="cpu")
+    sub = teacher.restricted_to([3, 1])
+    x = batch(6, seed=9)
+    torch.testing.assert_close(sub.logits(x), teacher.logits(x)[:, [3, 1]])
+    assert sub.num_classes == 2 and sub.classes == ["fish", "dog"] and teacher.num_classes == 4

@@ -14,7 +14,7 @@ from worker.distill.progress import Callbacks, Progress
 from worker.distill.schedules import lr_factor
 from worker.distill.spec import Hyperparameters, InputSpec
 from worker.distill.students import create_model
-from worker.distill.teachers import Teacher
+from worker.distill.teachers import LoadedTeacher
 from worker.distill.trainer import TrainSetup, epoch_batches, train
 
 SPEC = InputSpec(channels=1, size=8, mean=[0.3], std=[0.37])
@@ -41,8 +41,8 @@ class CountingTeacher:
         self.samples += len(x)
         return self.model(x)
 
-    def teacher(self) -> Teacher:
-        return Teacher("state_dict", "resnet8", 4, SPEC, self, module=self.model)
+    def teacher(self) -> LoadedTeacher:
+        return LoadedTeacher("state_dict", "resnet8", 4, SPEC, self, module=self.model)
 
 
 def setup_for(train_set, val_set, teacher, **kw) -> TrainSetup:
@@ -172,7 +172,7 @@ def test_nan_teacher_fails_the_run_with_a_clear_error():
         return torch.full((len(x), 4), float("nan"))
 
     with pytest.raises(TeacherError) as err:
-        train(setup_for(train_set, val_set, Teacher("onnx", None, 4, SPEC, nan_teacher)), HP)
+        train(setup_for(train_set, val_set, LoadedTeacher("onnx", None, 4, SPEC, nan_teacher)), HP)
     assert err.value.code == "teacher_nonfinite_output"
 
 
@@ -221,8 +221,8 @@ def test_nan_from_a_teacher_run_every_step_is_caught_without_a_sync_per_step():
         return torch.full((len(x), 4), float("nan"))
 
     finite_val = torch.zeros(len(val_set.labels), 4)  # the validation pass is given, so only training sees NaN
-    setup = setup_for(train_set, val_set, Teacher("onnx", None, 4, SPEC, nan_on_training), cache_teacher_logits=False,
-                      teacher_val_logits=finite_val, progress_interval=3600.0)
+    setup = setup_for(train_set, val_set, LoadedTeacher("onnx", None, 4, SPEC, nan_on_training),
+                      cache_teacher_logits=False, teacher_val_logits=finite_val, progress_interval=3600.0)
     with pytest.raises(TeacherError) as err:
         train(setup, HP)
     assert err.value.code == "teacher_nonfinite_output" and "epoch 1" in err.value.message

@@ -121,3 +121,40 @@ def test_kdistill_run_cli_writes_the_artifacts(tmp_path, digits, digits_teacher)
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert "invalid_hyperparameter" in bad.stderr and "alpha" in bad.stderr
+
+
+def test_a_retrained_teacher_never_resumes_the_old_students_checkpoint_and_fresh_starts_over(
+        tmp_path, digits, digits_teacher):
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.write_bytes(digits_teacher.path.read_bytes())
+    spec = job(tmp_path, digits, digits_teacher, epochs=2)
+    spec["teacher"]["path"] = str(teacher)
+    spec["export_formats"] = ["onnx"]
+    (tmp_path / "job.json").write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "worker.run", str(tmp_path / "job.json")]
+    first = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "out" / "checkpoints" / "student.ckpt").exists()
+
+    # "Retrain" the teacher: same path, same architecture, other weights.
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(teacher))
+    save_file({k: (v * 1.01 if v.is_floating_point() else v).contiguous() for k, v in state.items()}, str(teacher))
+    stale = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert stale.returncode == 2
+    error = lines_of(stale.stdout)[-1]
+    assert error["code"] == "checkpoint_mismatch" and "--fresh" in error["message"]
+    assert "the teacher" in error["message"] and str(tmp_path) not in error["message"]
+
+    fresh = subprocess.run([*cmd, "--fresh"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    events = lines_of(fresh.stdout)
+    assert not [e for e in events if e["type"] == "event" and e["kind"] == "resumed"]
+    assert [e["epoch"] for e in events if e["type"] == "epoch"] == [1, 2]
+    assert events[-1]["metrics"]["resumed_from_epoch"] == 0
+
+    # Unchanged inputs resume, and say so plainly.
+    again = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    resumed = [e for e in lines_of(again.stdout) if e["type"] == "event" and e["kind"] == "resumed"]
+    assert resumed and "--fresh" in resumed[0]["message"] and "epoch 2/2" in resumed[0]["message"]

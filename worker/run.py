@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", help="job spec file (.json, .yaml); '-' reads JSON from stdin")
     parser.add_argument("--output-dir", help="where the artifacts go (overrides the spec)")
     parser.add_argument("--checkpoint-dir", help="checkpoint folder to resume from (overrides the spec)")
+    parser.add_argument("--fresh", action="store_true", help="delete the checkpoints first: never resume")
     parser.add_argument("--cancel-file", help="stop cleanly at the next step once this file exists")
     args = parser.parse_args(argv)
 
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from worker.distill.errors import Cancelled, DistillError
     from worker.distill.progress import Callbacks
     from worker.distill.runner import run_job
-    from worker.distill.spec import JobSpec, load_spec, parse_model, resolve_paths
+    from worker.distill.spec import JobSpec, checkpoint_folder, load_spec, parse_model, resolve_paths
 
     try:
         if args.spec == "-":
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {k: str(Path(v).resolve()) for k, v in
                      (("output_dir", args.output_dir), ("checkpoint_dir", args.checkpoint_dir)) if v}
         spec = spec.model_copy(update=overrides)
+        if args.fresh:
+            shutil.rmtree(checkpoint_folder(spec), ignore_errors=True)
         out.emit("started", pid=os.getpid(), spec=spec.model_dump(mode="json"))
         callbacks = Callbacks(
             on_progress=lambda p: out.emit("progress", **p.to_dict()),

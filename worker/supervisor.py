@@ -29,12 +29,12 @@ from sqlalchemy import or_, update
 from sqlalchemy.exc import OperationalError
 
 from app.db import session_scope
-from app.jobs import add_event
+from app.jobs import add_event, add_warning
 from app.models import Artifact, Dataset, Job, Teacher, utcnow
 from app.settings import Settings
 from app.storage import get_store, sha256_of
 from worker.distill.export import FILE_NAMES
-from worker.distill.spec import DataSpec, InputSpec, JobSpec, StudentSpec, TeacherSpec
+from worker.distill.spec import Checks, DataSpec, InputSpec, JobSpec, StudentSpec, TeacherSpec
 from worker.sandbox import child_env, die_with_parent
 
 log = logging.getLogger("kdistill.worker")
@@ -133,15 +133,18 @@ class Supervisor:
         data = req.get("data") or {}
         return JobSpec(
             teacher=TeacherSpec(path=str(store.local_path(teacher.storage_key)), format=teacher.format,
-                                arch=teacher.arch, num_classes=teacher.num_classes, input=t_input),
+                                arch=teacher.arch, num_classes=teacher.num_classes, input=t_input,
+                                classes=teacher.classes or None),
             student=StudentSpec(arch=student["arch"], input=s_input),
             data=DataSpec(path=str(store.local_path(dataset.storage_key)), val_fraction=data.get("val_fraction", 0.2),
+                          test_fraction=data.get("test_fraction") or 0.0,
                           augment=data.get("augment", False), max_files=self.settings.max_dataset_files,
                           max_unpacked_bytes=self.settings.max_unpacked_bytes,
                           max_decoded_bytes=self.settings.max_decoded_bytes),
             hyperparameters=req["hyperparameters"],
             export_formats=req["export_formats"],
             baseline=req.get("baseline", False),
+            checks=Checks.model_validate(req.get("checks") or {}),
             output_dir=str(self.job_dir / "out"),
             checkpoint_dir=str(self.job_dir / "checkpoints"),
             progress_interval=min(self.settings.progress_interval, 1.0),
@@ -245,8 +248,11 @@ class Supervisor:
                 data = {k: v for k, v in msg.items() if k not in ("type", "time")}
                 metrics = dict(job.metrics or {})
                 if data["run"] == "student":
+                    # until the run ends, the figures are the latest epoch's on validation; the final ones
+                    # come from the test split when there is one, and `accuracy_split` always says which
                     metrics.update(student_accuracy=data["student_accuracy"], teacher_accuracy=data["teacher_accuracy"],
-                                   agreement=data["agreement"], train_loss=data["train_loss"], epoch=data["epoch"])
+                                   agreement=data["agreement"], train_loss=data["train_loss"], epoch=data["epoch"],
+                                   accuracy_split="validation")
                 else:
                     metrics.update(baseline_accuracy=data["student_accuracy"])
                 job.metrics = metrics
@@ -256,6 +262,10 @@ class Supervisor:
         elif kind == "event":
             with session_scope(self.url) as s:
                 add_event(s, self.job_id, msg.get("kind", "info"), msg.get("message", ""), **(msg.get("data") or {}))
+                if msg.get("kind") == "warning":  # on the job at once: a job that fails later keeps it
+                    job = s.get(Job, self.job_id)
+                    if job is not None and job.worker == self.worker:
+                        add_warning(job, (msg.get("data") or {}).get("code") or "warning", msg.get("message", ""))
                 if msg.get("kind") == "device":
                     s.execute(update(Job).where(self._ours()).values(
                         device=msg.get("message", "").removeprefix("training on ")))
@@ -354,6 +364,9 @@ class Supervisor:
                            sha256=digest, storage_key=key))
         metrics = dict(result["metrics"])
         job.metrics = metrics
+        for w in result.get("warnings") or []:  # the run's final word; those seen on the way are kept
+            if isinstance(w, dict):
+                add_warning(job, w.get("code") or "warning", w.get("message", ""))
         job.device = result.get("device") or job.device
         job.progress = dict(job.progress or {}, fraction=1.0, eta_seconds=0.0)
         self._finish(s, job, "succeeded", None, None)

@@ -5,9 +5,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_serializer,
+    field_validator,
+)
+from pydantic_core import InitErrorDetails
 
-from worker.distill.spec import ExportFormat, Hyperparameters
+from worker.distill.spec import Checks, ExportFormat, Hyperparameters, room_to_train
 
 T = TypeVar("T")
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -34,6 +44,7 @@ class TeacherOut(_Out):
     std: list[float]
     sha256: str
     size_bytes: int
+    classes: list[str] | None = Field(None, description="names of outputs 0..num_classes-1, when known")
     created_at: datetime
 
 
@@ -49,6 +60,8 @@ class DatasetOut(_Out):
     channels: int
     image_size: list[int]
     val_source: str
+    num_test: int = 0
+    test_source: str | None = Field(None, description="where the test split comes from; null: none")
     sha256: str
     size_bytes: int
     created_at: datetime
@@ -68,7 +81,14 @@ class DataOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    test_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0, description="carved from the labelled data when the dataset has no test split")
     augment: bool = False
+
+    @field_validator("test_fraction", mode="after")
+    @classmethod
+    def _room_to_train(cls, v: float, info: ValidationInfo) -> float:
+        return room_to_train(v, info)
 
 
 class JobCreate(BaseModel):
@@ -83,6 +103,7 @@ class JobCreate(BaseModel):
     export_formats: Annotated[list[ExportFormat], Field(min_length=1)] = ["torchscript", "onnx"]
     baseline: bool = False
     data: DataOptions = DataOptions()
+    checks: Checks = Field(Checks(), description='{"teacher": "warn"} distills even when the teacher check fails')
     queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,50}$")] | None = Field(
         None, description="worker queue, e.g. gpu or cpu; default: the deployment's default queue")
     max_run_seconds: Annotated[float, Field(gt=0)] | None = None
@@ -91,6 +112,29 @@ class JobCreate(BaseModel):
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
         return list(dict.fromkeys(v))
+
+    @field_validator("hyperparameters", mode="wrap")
+    @classmethod
+    def _weights_error(cls, v: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """A bad list of class_weights fails both arms of `"auto" | list`; report the list's error (e.g.
+        hyperparameters.class_weights.3: greater than 0), not that the list is not "auto"."""
+        try:
+            return handler(v)
+        except ValidationError as e:
+            weights = v.get("class_weights") if isinstance(v, dict) else None
+            if not isinstance(weights, list):
+                raise
+            errors = [err for err in e.errors() if not _is_arm(err["loc"], "literal[")]
+            if not errors or len(errors) == len(e.errors()):
+                raise
+            raise ValidationError.from_exception_data(e.title, [InitErrorDetails(
+                type=err["type"], loc=tuple(p for p in err["loc"] if not _is_arm((p,), "list[")),
+                input=err["input"], ctx=err.get("ctx") or {}) for err in errors]) from None
+
+
+def _is_arm(loc: tuple[Any, ...], prefix: str) -> bool:
+    """Whether `loc` goes through the union arm whose name starts with `prefix` (pydantic names arms)."""
+    return any(isinstance(p, str) and p.startswith(prefix) for p in loc)
 
 
 class Progress(BaseModel):
@@ -109,6 +153,11 @@ class ErrorOut(BaseModel):
     code: str
     message: str
     field: str | None = None
+
+
+class WarningOut(BaseModel):
+    code: str
+    message: str
 
 
 class ArtifactOut(_Out):
@@ -131,6 +180,7 @@ class JobOut(_Out):
     progress: Progress
     metrics: dict[str, Any]
     error: ErrorOut | None
+    warnings: list[WarningOut] = Field([], description="what did not fail the job but deserves a look")
     artifacts: list[ArtifactOut]
     attempts: int
     worker: str | None

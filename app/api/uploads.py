@@ -108,11 +108,13 @@ async def save_upload(upload: UploadFile, dest_dir: Path, limit: int) -> tuple[P
 
 # The engine names fields as in a job spec; an upload's form fields are named differently.
 FORM_FIELDS = {"teacher.arch": "arch", "teacher.num_classes": "num_classes", "teacher.input": "input_size",
-               "teacher.path": "file", "teacher.format": "format"}
+               "teacher.path": "file", "teacher.format": "format", "teacher.classes": "classes"}
 
 
-def inspect_in_child(kind: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run `python -m worker.inspect` on an upload; a failure is the upload's 4xx, never our 500."""
+def inspect_in_child(kind: str, args: dict[str, Any], timeout: float,
+                     fields: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `python -m worker.inspect` on an upload; a failure is the upload's 4xx, never our 500. `fields`
+    renames the engine's fields for this request, over FORM_FIELDS."""
     try:
         proc = subprocess.run([sys.executable, "-m", "worker.inspect", kind, json.dumps(args)],
                               capture_output=True, text=True, timeout=timeout, check=False, env=child_env(),
@@ -129,6 +131,7 @@ def inspect_in_child(kind: str, args: dict[str, Any], timeout: float) -> dict[st
     if not result.pop("ok", False):
         code = result.get("code", f"invalid_{kind}")
         field = result.get("field")
+        names = {**FORM_FIELDS, **(fields or {})}
         raise ApiError(STATUS_BY_CODE.get(code, 422), code, result.get("message", "invalid upload"),
-                       FORM_FIELDS.get(field, field) if field else "file")
+                       names.get(field, field) if field else "file")
     return result

@@ -69,9 +69,16 @@ def export_student(model: nn.Module, example: torch.Tensor, out_dir: Path, forma
         diff = _verify(fmt, runner, path, example, reference, atol)
         files.append(_describe(path, fmt, diff))
     if metadata is not None:
-        meta = dict(metadata, files=[f.to_dict() for f in files])
-        (out_dir / "metadata.json").write_text(json.dumps(meta, indent=2, default=_json_default))
+        write_metadata(out_dir, metadata, files)
     return files
+
+
+def write_metadata(out_dir: Path, metadata: dict[str, Any], files: list[ExportedFile]) -> ExportedFile:
+    """Write `metadata.json` (the run's description plus the files it describes) and describe it in turn."""
+    path = out_dir / "metadata.json"
+    path.write_text(json.dumps(dict(metadata, files=[f.to_dict() for f in files]), indent=2,
+                               default=_json_default))
+    return _describe(path, "metadata", None)
 
 
 def _describe(path: Path, fmt: str, diff: float | None) -> ExportedFile:
@@ -108,7 +115,8 @@ def _verify(fmt: str, runner: Callable[[Path, torch.Tensor], torch.Tensor], path
     return worst
 
 
-def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+def write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """One self-contained ONNX file with a dynamic batch axis (input "input", output "logits")."""
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -155,7 +163,7 @@ def _run_torch_export(path: Path, x: torch.Tensor) -> torch.Tensor:
 
 
 EXPORTERS: dict[str, tuple[Callable[..., None], Callable[[Path, torch.Tensor], torch.Tensor]]] = {
-    "onnx": (_write_onnx, _run_onnx),
+    "onnx": (write_onnx, _run_onnx),
     "torchscript": (_write_torchscript, _run_torchscript),
     "torch_export": (_write_torch_export, _run_torch_export),
 }

@@ -58,11 +58,15 @@ class LabelCrossEntropy(nn.Module):
 
 class HardDistillationLoss(nn.Module):
     """Touvron et al. 2021, "Training data-efficient image transformers" (DeiT, arXiv:2012.12877):
-    cross-entropy against the teacher's argmax, on every sample (labelled or not)."""
+    cross-entropy against the teacher's argmax, on every sample (labelled or not).
 
-    def __init__(self, label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None) -> None:
+    Unweighted on purpose: class weights rebalance the *labels*, and a class with few or no labels is
+    exactly where the teacher's answers matter most. Weighting them would silently drop those samples.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
-        self.ce = LabelCrossEntropy(label_smoothing, class_weights)
+        self.ce = LabelCrossEntropy(label_smoothing)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         return self.ce(student_logits, teacher_logits.argmax(dim=1))
@@ -78,6 +82,8 @@ class LossParts:
 class DistillationLoss(nn.Module):
     """total = alpha * distill + (1 - alpha) * label_ce.
 
+    Class weights, when given, weight the label term only (see HardDistillationLoss for why).
+
     The distillation term (soft or hard) averages over every sample of the batch, labelled or not; the
     label term averages over the labelled ones. So a transfer set teaches through the teacher alone.
     With the teacher's logits absent (`teacher_logits=None`) this is plain label cross-entropy: the
@@ -92,8 +98,7 @@ class DistillationLoss(nn.Module):
         if kind not in ("soft", "hard"):
             raise ValueError("kind must be 'soft' or 'hard'")
         self.alpha = alpha
-        self.distill = SoftTargetLoss(temperature) if kind == "soft" else \
-            HardDistillationLoss(label_smoothing, class_weights)
+        self.distill = SoftTargetLoss(temperature) if kind == "soft" else HardDistillationLoss(label_smoothing)
         self.label = LabelCrossEntropy(label_smoothing, class_weights)
 
     def forward(self, student_logits: torch.Tensor, labels: torch.Tensor,

@@ -10,12 +10,15 @@ from typing import Any
 
 @dataclass
 class Progress:
+    """Where a job stands. Steps count optimiser steps over the whole job (the distillation run, then the
+    baseline run when asked for), so `fraction == step / total_steps`; `epoch` is within the current `run`."""
+
     run: str  # "student" or "baseline"
-    epoch: int  # 1-based epoch in progress
-    epochs: int
-    step: int  # steps done in this run
-    total_steps: int
-    fraction: float  # of the whole job (all runs), 0..1
+    epoch: int  # 1-based epoch in progress, within `run`
+    epochs: int  # epochs of each run
+    step: int  # optimiser steps done in the whole job
+    total_steps: int  # optimiser steps of the whole job
+    fraction: float  # step / total_steps
     loss: float
     loss_distill: float
     loss_label: float

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -82,6 +83,15 @@ class TeacherSpec(_Strict):
     arch: str | None = None  # required for state dicts
     num_classes: Annotated[int, Field(ge=2)] | None = None
     input: InputSpec = InputSpec()
+    # names of outputs 0..N-1; None: read from the file when it carries them, else output i is dataset class i
+    classes: list[str] | None = None
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _class_names(cls, v: Any) -> Any:
+        from .label_map import parse_class_names
+
+        return None if v is None else parse_class_names(v)
 
 
 class StudentSpec(_Strict):
@@ -90,13 +100,29 @@ class StudentSpec(_Strict):
     weights: str | None = None  # initial weights: safetensors or a .pt state dict
 
 
+def room_to_train(test_fraction: float, info: ValidationInfo) -> float:
+    """A `test_fraction` validator: validation and test together must leave labelled data to train on."""
+    val = info.data.get("val_fraction", 0.2)
+    if test_fraction + val >= 1:
+        raise ValueError(f"val_fraction ({val}) and test_fraction ({test_fraction}) leave nothing to train on; "
+                         "keep their sum below 1")
+    return test_fraction
+
+
 class DataSpec(_Strict):
     path: str
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    # carved from the labelled data when the dataset has no test split; 0 keeps every label for training
+    test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
     augment: bool = False
     max_files: Annotated[int, Field(ge=1)] = 200_000
     max_unpacked_bytes: Annotated[int, Field(ge=1)] = 8 << 30
     max_decoded_bytes: Annotated[int, Field(ge=1)] = 8 << 30
+
+    @field_validator("test_fraction", mode="after")
+    @classmethod
+    def _room_to_train(cls, v: float, info: ValidationInfo) -> float:
+        return room_to_train(v, info)
 
 
 class Hyperparameters(_Strict):
@@ -118,10 +144,11 @@ class Hyperparameters(_Strict):
     alpha: Annotated[float, Field(ge=0, le=1)] = 0.9
     distillation: Literal["soft", "hard"] = "soft"
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    class_weights: Literal["auto"] | list[Annotated[float, Field(ge=0)]] | None = None
+    # per-class weights of the label cross-entropy ("auto": inverse class frequency)
+    class_weights: Literal["auto"] | list[float] | None = None
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = False
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
     @field_validator("device")
@@ -131,6 +158,18 @@ class Hyperparameters(_Strict):
             raise ValueError("device must be auto, cpu, cuda or cuda:N")
         return v
 
+    @field_validator("class_weights", mode="after")
+    @classmethod
+    def _positive_weights(cls, v: Any) -> Any:
+        # a zero weight would silently drop that class's labels; a negative one would train against them
+        if isinstance(v, list):
+            bad = [(i, w) for i, w in enumerate(v) if not (w > 0 and math.isfinite(w))]
+            if bad:
+                i, w = bad[0]
+                raise ValueError(f"class weights must be positive numbers; class {i} has {w}. To leave a class "
+                                 "out, remove it from the dataset")
+        return v
+
     @field_validator("warmup_epochs", mode="after")
     @classmethod
     def _warmup(cls, v: float, info: ValidationInfo) -> float:
@@ -138,6 +177,12 @@ class Hyperparameters(_Strict):
         if epochs is not None and v > 0 and v >= epochs:
             raise ValueError(f"warmup_epochs ({v}) must be below epochs ({epochs})")
         return v
+
+
+class Checks(_Strict):
+    """What the job does when a pre-training check fails: `fail` stops it, `warn` records a warning."""
+
+    teacher: Literal["fail", "warn"] = "fail"
 
 
 class JobSpec(_Strict):
@@ -150,6 +195,7 @@ class JobSpec(_Strict):
     export_formats: list[ExportFormat] = ["torchscript", "onnx"]
     export_atol: Annotated[float, Field(gt=0)] = 1e-4
     baseline: bool = False
+    checks: Checks = Checks()
     output_dir: str = "artifacts"
     checkpoint_dir: str | None = None  # None: <output_dir>/checkpoints
     progress_interval: Annotated[float, Field(ge=0)] = 1.0  # seconds between progress reports
@@ -201,3 +247,8 @@ def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
         "output_dir": rel(spec.output_dir),
         "checkpoint_dir": rel(spec.checkpoint_dir),
     })
+
+
+def checkpoint_folder(spec: JobSpec) -> Path:
+    """Where a run keeps its per-epoch checkpoints: `checkpoint_dir`, else `<output_dir>/checkpoints`."""
+    return Path(spec.checkpoint_dir) if spec.checkpoint_dir else Path(spec.output_dir) / "checkpoints"

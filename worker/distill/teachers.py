@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ ONNX_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, 
 
 
 @dataclass
-class Teacher:
+class LoadedTeacher:
     """A loaded teacher: `logits(x)` maps a normalised batch on `device` to float logits `[N, num_classes]`."""
 
     format: str
@@ -29,14 +30,28 @@ class Teacher:
     input: InputSpec
     logits_fn: Callable[[torch.Tensor], torch.Tensor]
     module: nn.Module | None = None  # torch-native teachers only
+    classes: list[str] | None = None  # names of outputs 0..num_classes-1, when known
+    path: Path | None = None  # the file it was loaded from
+    outputs: list[int] | None = None  # set by `restricted_to`: which of the file's outputs `logits` returns
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return self.logits_fn(x).float()
+            out = self.logits_fn(x).float()
+            return out if self.outputs is None else out[:, self._index(out.device)]
+
+    def _index(self, device: torch.device) -> torch.Tensor:
+        return torch.tensor(self.outputs, dtype=torch.long, device=device)
+
+    def restricted_to(self, outputs: list[int]) -> LoadedTeacher:
+        """This teacher answering only `outputs` of its file's outputs, in that order (a dataset's classes)."""
+        names = None if self.classes is None else [self.classes[i] for i in outputs]
+        return replace(self, num_classes=len(outputs), classes=names, outputs=list(outputs))
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"format": self.format, "arch": self.arch, "num_classes": self.num_classes,
-                               "input": self.input.describe()}
+                               "input": self.input.describe(), "classes": self.classes}
+        if self.outputs is not None:
+            out["outputs_used"] = self.outputs
         if self.module is not None:
             out["parameters"] = sum(p.numel() for p in self.module.parameters())
         return out
@@ -58,7 +73,7 @@ def detect_format(path: Path) -> str:
 
 
 def load_teacher(spec: TeacherSpec, *, device: torch.device | str = "cpu", num_classes: int | None = None,
-                 allow_torchscript: bool = True, validate: bool = True) -> Teacher:
+                 allow_torchscript: bool = True, validate: bool = True) -> LoadedTeacher:
     """Load the teacher safely, put it in eval mode on `device`, and (by default) validate its output."""
     path = Path(spec.path)
     if not path.is_file():
@@ -74,12 +89,37 @@ def load_teacher(spec: TeacherSpec, *, device: torch.device | str = "cpu", num_c
         teacher = _load_torchscript_teacher(path, spec, device)
     else:
         teacher = _load_onnx_teacher(path, spec, device)
+    teacher.path = path
+    if spec.classes is not None:
+        teacher.classes = list(spec.classes)
+    if teacher.classes is not None and len(teacher.classes) != teacher.num_classes:
+        source = "the given classes" if spec.classes is not None else "the class names stored in the file"
+        raise TeacherError(f"{source} list {len(teacher.classes)} names but the teacher has {teacher.num_classes} "
+                           "outputs; give one name per output, in output order", code="class_count_mismatch",
+                           field="teacher.classes")
     if validate:
         validate_teacher(teacher, device=device, num_classes=num_classes or spec.num_classes)
     return teacher
 
 
-def _load_state_dict_teacher(path: Path, spec: TeacherSpec, device: torch.device) -> Teacher:
+def _embedded_classes(raw: str | bytes | None, where: str) -> list[str] | None:
+    """Class names stored inside a teacher file (a JSON list), validated like the upload's `classes`."""
+    from .label_map import parse_class_names
+
+    if raw is None or raw in ("", b""):
+        return None
+    try:
+        names = json.loads(raw)
+        if not isinstance(names, list):
+            raise ValueError("it is not a JSON list")
+        return parse_class_names(names)
+    except ValueError as e:
+        raise TeacherError(f"the class names in the teacher's {where} cannot be used ({e}); store a JSON list of "
+                           "unique names, or pass `classes` with the upload", code="invalid_classes",
+                           field="teacher.classes") from None
+
+
+def _load_state_dict_teacher(path: Path, spec: TeacherSpec, device: torch.device) -> LoadedTeacher:
     from .students import create_model  # the registry builds teachers and students alike
 
     state = load_state_dict_file(path, what="teacher")  # first: a pickled module is refused as such
@@ -108,8 +148,14 @@ def _load_state_dict_teacher(path: Path, spec: TeacherSpec, device: torch.device
             code="teacher_weights_mismatch", field="teacher.arch")
     model.load_state_dict(state)
     model.to(device).eval()
-    return Teacher("safetensors" if is_safetensors(path) else "state_dict", spec.arch, num_classes,
-                   spec.input, model, module=model)
+    names = None
+    if is_safetensors(path):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            names = _embedded_classes((f.metadata() or {}).get("classes"), "safetensors metadata 'classes'")
+    return LoadedTeacher("safetensors" if is_safetensors(path) else "state_dict", spec.arch, num_classes,
+                         spec.input, model, module=model, classes=names)
 
 
 def _infer_num_classes(state: dict[str, torch.Tensor], build: Callable[[int], nn.Module]) -> int:
@@ -132,18 +178,20 @@ def _describe_mismatch(missing: list[str], unexpected: list[str], wrong_shape: l
     return "; ".join(parts)
 
 
-def _load_torchscript_teacher(path: Path, spec: TeacherSpec, device: torch.device) -> Teacher:
+def _load_torchscript_teacher(path: Path, spec: TeacherSpec, device: torch.device) -> LoadedTeacher:
+    extra = {"classes.json": ""}
     try:
-        module = torch.jit.load(str(path), map_location=device)
+        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except (RuntimeError, ValueError) as e:
         raise TeacherError(f"teacher {path.name} is not a loadable TorchScript archive: "
                            f"{str(e).splitlines()[0]}", code="unreadable_teacher") from None
     module.eval()
     probe = _probe_output(module, spec.input, device)
-    return Teacher("torchscript", None, int(probe.shape[1]), spec.input, module, module=module)
+    return LoadedTeacher("torchscript", None, int(probe.shape[1]), spec.input, module, module=module,
+                         classes=_embedded_classes(extra["classes.json"], "extra file classes.json"))
 
 
-def _load_onnx_teacher(path: Path, spec: TeacherSpec, device: torch.device) -> Teacher:
+def _load_onnx_teacher(path: Path, spec: TeacherSpec, device: torch.device) -> LoadedTeacher:
     import onnx
     import onnxruntime as ort
 
@@ -188,7 +236,9 @@ def _load_onnx_teacher(path: Path, spec: TeacherSpec, device: torch.device) -> T
         return torch.from_numpy(np.concatenate(chunks).astype(np.float32)).to(x.device)
 
     probe = _probe_output(run, spec.input, torch.device("cpu"))
-    return Teacher("onnx", None, int(probe.shape[1]), spec.input, run)
+    props = {p.key: p.value for p in proto.metadata_props}
+    return LoadedTeacher("onnx", None, int(probe.shape[1]), spec.input, run,
+                         classes=_embedded_classes(props.get("classes"), "ONNX metadata_props 'classes'"))
 
 
 def _onnx_tensors(graph: Any) -> Iterator[Any]:
@@ -243,7 +293,7 @@ def _probe_output(module: Callable[[torch.Tensor], Any], spec: InputSpec, device
     return out
 
 
-def validate_teacher(teacher: Teacher, *, device: torch.device | str = "cpu",
+def validate_teacher(teacher: LoadedTeacher, *, device: torch.device | str = "cpu",
                      num_classes: int | None = None) -> None:
     """Run a dummy batch: the output must be finite logits `[2, num_classes]`."""
     out = _probe_output(teacher.logits, teacher.input, torch.device(device))

@@ -21,7 +21,7 @@ from .metrics import accuracy, agreement, per_class_report, topk_accuracy
 from .progress import Callbacks, EpochMetrics, Progress, RateLimiter
 from .schedules import build_optimizer, build_scheduler
 from .spec import Hyperparameters, InputSpec
-from .teachers import Teacher, check_finite
+from .teachers import LoadedTeacher, check_finite
 
 EVAL_BATCH = 512
 DEVICE_DATA_BYTES = 4 << 30  # datasets up to this size live on the GPU; larger ones move batch by batch
@@ -36,7 +36,7 @@ class TrainSetup:
     train: ImageSet  # labels of -1 mark the transfer (unlabeled) samples
     val: ImageSet
     classes: list[str]
-    teacher: Teacher | None  # None: train on labels alone (the baseline)
+    teacher: LoadedTeacher | None  # None: train on labels alone (the baseline)
     device: torch.device
     augment: bool = False
     cache_teacher_logits: bool = True  # without augmentation, run the teacher once, not every step
@@ -45,8 +45,10 @@ class TrainSetup:
     fingerprint: str = ""  # a checkpoint with another fingerprint belongs to another job
     epoch_samples: int | None = None  # samples per epoch; default: every usable training sample once
     progress_interval: float = 1.0
-    fraction_offset: float = 0.0  # where this run's progress sits within the whole job
-    fraction_share: float = 1.0
+    # Progress counts optimiser steps over the whole job (distillation run, then baseline run): this run's
+    # steps start after `step_offset` of the job's `job_total_steps` (None: this run is the whole job).
+    step_offset: int = 0
+    job_total_steps: int | None = None
     teacher_val_logits: torch.Tensor | None = None  # reused across runs when given
 
 
@@ -79,7 +81,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
-def predict(model: nn.Module | Teacher, images: torch.Tensor, spec: InputSpec, device: torch.device,
+def predict(model: nn.Module | LoadedTeacher, images: torch.Tensor, spec: InputSpec, device: torch.device,
             autocast_dtype: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
     """Float32 logits for uint8 images, batch by batch, in eval mode and without autograd."""
     outs = []
@@ -90,7 +92,7 @@ def predict(model: nn.Module | Teacher, images: torch.Tensor, spec: InputSpec, d
             x = to_model_input(images[i:i + EVAL_BATCH].to(device, non_blocking=True), spec)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            outs.append((model.logits(x) if isinstance(model, Teacher) else model(x)).float())
+            outs.append((model.logits(x) if isinstance(model, LoadedTeacher) else model(x)).float())
     return torch.cat(outs) if outs else torch.empty(0)
 
 
@@ -113,6 +115,15 @@ def epoch_batches(pool: torch.Tensor, epoch_samples: int, batch_size: int,
     return batches
 
 
+def steps_in_epoch(epoch_samples: int, batch_size: int) -> int:
+    """Optimiser steps in one epoch of `epoch_samples` (as `epoch_batches` cuts it)."""
+    batch_size = min(batch_size, epoch_samples)
+    steps = math.ceil(epoch_samples / batch_size)
+    if steps > 1 and epoch_samples - (steps - 1) * batch_size == 1:
+        steps -= 1  # a trailing batch of one joins the one before
+    return steps
+
+
 def train(setup: TrainSetup, hp: Hyperparameters, callbacks: Callbacks | None = None) -> TrainResult:
     """Train `setup.student` (distilling from `setup.teacher` when given); return the best epoch's student."""
     cb = callbacks or Callbacks()
@@ -131,9 +142,10 @@ def train(setup: TrainSetup, hp: Hyperparameters, callbacks: Callbacks | None = 
         raise DistillError("the dataset has no labelled training samples to train the baseline on",
                            code="no_labelled_samples")
     epoch_samples = setup.epoch_samples or len(pool)
+    steps_per_epoch = steps_in_epoch(epoch_samples, hp.batch_size)
     batch_size = min(hp.batch_size, epoch_samples)
-    steps_per_epoch = len(epoch_batches(pool, epoch_samples, batch_size, torch.Generator().manual_seed(0)))
     total_steps = hp.epochs * steps_per_epoch
+    job_total = setup.job_total_steps or total_steps
 
     data_dev = dev if setup.train.images.numel() <= DEVICE_DATA_BYTES else torch.device("cpu")
     images = setup.train.images.to(data_dev)
@@ -165,7 +177,9 @@ def train(setup: TrainSetup, hp: Hyperparameters, callbacks: Callbacks | None = 
     if setup.checkpoint_path is not None and setup.checkpoint_path.exists():
         state = _load_checkpoint(setup, student, optimizer, scheduler, scaler)
         if state.epoch:
-            cb.event("resumed", f"{run}: resumed from the checkpoint of epoch {state.epoch}", epoch=state.epoch)
+            cb.event("resumed", f"{run}: resuming from the checkpoint of epoch {state.epoch}/{hp.epochs} "
+                     f"({setup.checkpoint_path.parent.name}/{setup.checkpoint_path.name}); delete it, or run with "
+                     "--fresh, to start over", epoch=state.epoch)
     resumed_from = state.epoch
 
     limiter = RateLimiter(setup.progress_interval)
@@ -225,8 +239,8 @@ def train(setup: TrainSetup, hp: Hyperparameters, callbacks: Callbacks | None = 
                 done = (step - resumed_from * steps_per_epoch) / max(1, total_steps - resumed_from * steps_per_epoch)
                 elapsed = now - started
                 cb.progress(Progress(
-                    run=run, epoch=epoch + 1, epochs=hp.epochs, step=step, total_steps=total_steps,
-                    fraction=setup.fraction_offset + setup.fraction_share * step / total_steps,
+                    run=run, epoch=epoch + 1, epochs=hp.epochs, step=setup.step_offset + step,
+                    total_steps=job_total, fraction=(setup.step_offset + step) / job_total,
                     loss=losses[0], loss_distill=losses[1], loss_label=losses[2],
                     learning_rate=optimizer.param_groups[0]["lr"],
                     samples_per_s=window_n / max(now - window_t0, 1e-9),
@@ -333,8 +347,10 @@ def _load_checkpoint(setup: TrainSetup, student: nn.Module, optimizer: Any, sche
     assert setup.checkpoint_path is not None
     ckpt = torch.load(setup.checkpoint_path, map_location="cpu", weights_only=True)
     if ckpt.get("fingerprint") != setup.fingerprint or ckpt.get("run") != setup.run:
-        raise DistillError(f"the checkpoint {setup.checkpoint_path} belongs to another job or run; "
-                           "remove it or point checkpoint_dir elsewhere", code="checkpoint_mismatch")
+        raise DistillError(f"the checkpoint {setup.checkpoint_path.name} in {setup.checkpoint_path.parent.name}/ "
+                           "was written by another run (the teacher, the dataset, the student's initial weights or "
+                           "the settings differ); run with --fresh to start over, remove the file, or point "
+                           "checkpoint_dir elsewhere", code="checkpoint_mismatch")
     student.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])

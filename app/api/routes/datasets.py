@@ -41,7 +41,8 @@ async def upload_dataset(
     dataset = Dataset(id=dataset_id, tenant_id=tenant.id, filename=filename, format=info["format"],
                       classes=info["classes"], num_classes=info["num_classes"], num_train=info["num_train"],
                       num_val=info["num_val"], num_unlabeled=info["num_unlabeled"], channels=info["channels"],
-                      image_size=list(info["image_size"]), val_source=info["val_source"], sha256=digest,
+                      image_size=list(info["image_size"]), val_source=info["val_source"],
+                      num_test=info.get("num_test") or 0, test_source=info.get("test_source"), sha256=digest,
                       size_bytes=size, storage_key=key)
     session.add(dataset)
     session.commit()  # visible before the client gets its id, whenever the dependency's exit code runs

@@ -14,7 +14,8 @@ from app.jobs import add_event, cancel_queued, job_view, request_hash
 from app.models import Artifact, Dataset, Job, JobEvent, Teacher, new_id, utcnow
 from app.queue import default_queue, enqueue
 from app.storage import get_store
-from worker.distill.errors import StudentError
+from worker.distill.errors import DistillError, StudentError
+from worker.distill.label_map import match_classes
 from worker.distill.spec import InputSpec, config_error_from
 from worker.distill.students import check_input_size, model_info
 
@@ -35,9 +36,16 @@ def _own_job(session: SessionDep, tenant_id: str, job_id: str) -> Job:
 def _check_request(session: SessionDep, tenant_id: str, body: JobCreate) -> tuple[Teacher, Dataset]:
     teacher = get_owned(session, Teacher, body.teacher_id, tenant_id, "teacher_id")
     dataset = get_owned(session, Dataset, body.dataset_id, tenant_id, "dataset_id")
-    if teacher.num_classes != dataset.num_classes:
+    if teacher.classes:
+        # matched by name: a teacher may know more classes than the dataset, never fewer
+        try:
+            match_classes(teacher.classes, dataset.classes)
+        except DistillError as e:
+            raise ApiError(422, e.code, e.message, "dataset_id") from None
+    elif teacher.num_classes != dataset.num_classes:
         raise ApiError(422, "class_count_mismatch", f"the teacher predicts {teacher.num_classes} classes but the "
-                       f"dataset has {dataset.num_classes} ({', '.join(dataset.classes[:5])}...)", "dataset_id")
+                       f"dataset has {dataset.num_classes} ({', '.join(dataset.classes[:5])}...); upload the "
+                       "teacher with `classes` (the names of its outputs) to distill a subset", "dataset_id")
     try:
         model_info(body.student.arch)
         size = body.student.input_size or teacher.input_size[0]

@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.models import Teacher, new_id
 from app.storage import get_store
+from worker.distill.label_map import parse_class_names
 from worker.distill.spec import InputSpec, TeacherFormat, TeacherSpec, config_error_from
 
 from ..deps import SessionDep, SettingsDep, TenantDep
@@ -33,18 +34,34 @@ async def upload_teacher(
     input_size: Annotated[int, Form(ge=1, le=4096)] = 224,
     mean: Annotated[str | None, Form(description="comma-separated floats, one per channel")] = None,
     std: Annotated[str | None, Form(description="comma-separated floats, one per channel")] = None,
+    classes: Annotated[str | None, Form(
+        description="names of the outputs 0..N-1, comma-separated or a JSON list; default: read from the file "
+                    "(ONNX metadata_props, safetensors metadata or TorchScript classes.json) when it has them")] = None,
 ) -> Teacher:
     try:
         spec_input = InputSpec(channels=input_channels, size=input_size, mean=mean, std=std)
     except ValidationError as e:
         err = config_error_from(e)
         raise ApiError(422, "invalid_input_spec", err.message, err.field) from None
+    names = _class_names(classes, num_classes)
     path, size, digest = await save_upload(file, settings.tmp_dir, settings.max_teacher_bytes)
     try:
-        spec = TeacherSpec(path=str(path), format=format, arch=arch, num_classes=num_classes, input=spec_input)
+        spec = TeacherSpec(path=str(path), format=format, arch=arch, num_classes=num_classes, input=spec_input,
+                           classes=names)
+        # When the outputs disagree in number with the names (teacher.classes) or with num_classes (the
+        # teacher as a whole), the field at fault is the one the user gave, else the file's own metadata.
+        blame = {"teacher.classes": "classes" if names is not None else "file",
+                 "teacher": "num_classes" if num_classes is not None else "file"}
         info = await run_in_threadpool(inspect_in_child, "teacher", {
             "spec": spec.model_dump(mode="json"), "allow_torchscript": settings.allow_torchscript,
-        }, settings.inspect_timeout)
+        }, settings.inspect_timeout, blame)
+        found = info.get("classes")
+        if names is not None and found is None:
+            found = names
+        if found is not None and len(found) != info["num_classes"]:  # the engine checks too; never keep a misfit
+            raise ApiError(422, "class_count_mismatch", f"the teacher has {info['num_classes']} outputs but "
+                           f"{len(found)} class names; give one name per output, in output order",
+                           "classes" if names is not None else "file")
         teacher_id = new_id("tch")
         filename = safe_filename(file.filename, "teacher")
         key = f"teachers/{teacher_id}/{filename}"
@@ -55,10 +72,25 @@ async def upload_teacher(
     teacher = Teacher(id=teacher_id, tenant_id=tenant.id, filename=filename, format=info["format"],
                       arch=info.get("arch"), num_classes=info["num_classes"], input_channels=described["channels"],
                       input_size=described["size"], mean=described["mean"], std=described["std"], sha256=digest,
-                      size_bytes=size, storage_key=key, details={"parameters": info.get("parameters")})
+                      size_bytes=size, storage_key=key, details={"parameters": info.get("parameters")},
+                      classes=found)
     session.add(teacher)
     session.commit()  # visible before the client gets its id, whenever the dependency's exit code runs
     return teacher
+
+
+def _class_names(value: str | None, num_classes: int | None) -> list[str] | None:
+    """The `classes` form field as a list of names; a bad list is the upload's 422, never the inspector's."""
+    if value is None or not value.strip():
+        return None
+    try:
+        names = parse_class_names(value)
+    except ValueError as e:
+        raise ApiError(422, "invalid_classes", str(e), "classes") from None
+    if num_classes is not None and len(names) != num_classes:
+        raise ApiError(422, "class_count_mismatch", f"classes has {len(names)} names but num_classes is "
+                       f"{num_classes}; give one name per output", "classes")
+    return names
 
 
 @router.get("", response_model=Page[TeacherOut], summary="List teachers, newest first")

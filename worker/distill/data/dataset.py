@@ -1,4 +1,4 @@
-"""The in-memory dataset the trainer uses: uint8 image tensors, labels, and the train/val split."""
+"""The in-memory dataset the trainer uses: uint8 image tensors, labels, and the train/val(/test) split."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .imagefolder import FolderListing, decode_images, plan_images, scan_image_f
 from .npz import NpzArrays, read_npz, to_nchw
 from .sizes import ensure_decoded_fits
 from .source import open_source
-from .split import split_indices
+from .split import carve_splits
 
 
 @dataclass
@@ -38,13 +38,16 @@ class ImageSet:
 
 @dataclass
 class DatasetSplits:
-    """Train (labelled samples first, then the unlabeled ones) and a labelled-only validation set."""
+    """Train (labelled samples first, then the unlabeled ones), a labelled-only validation set and, optionally,
+    a labelled-only held-out test set that never overlaps train or val."""
 
     train: ImageSet
     val: ImageSet
     classes: list[str]
     format: str  # "imagefolder" | "npz"
     val_source: str  # "given" | "split"
+    test: ImageSet | None = None  # None: the dataset has no test split and data.test_fraction is 0
+    test_source: str | None = None  # "given" | "split" | None (no test split)
 
     @property
     def num_classes(self) -> int:
@@ -63,6 +66,10 @@ class DatasetSplits:
         return len(self.val)
 
     @property
+    def num_test(self) -> int:
+        return 0 if self.test is None else len(self.test)
+
+    @property
     def channels(self) -> int:
         return int(self.train.images.shape[1])
 
@@ -79,12 +86,13 @@ class DatasetSplits:
         return DatasetInfo(format=self.format, classes=list(self.classes), num_classes=self.num_classes,
                            num_train=self.num_train_labelled, num_val=self.num_val,
                            num_unlabeled=self.num_unlabeled, channels=self.channels,
-                           image_size=self.image_size, val_source=self.val_source)
+                           image_size=self.image_size, val_source=self.val_source, num_test=self.num_test,
+                           test_source=self.test_source)
 
 
 @dataclass
 class DatasetInfo:
-    """What an upload holds, as `load_dataset` would; `num_train` counts labelled samples after the split."""
+    """What an upload holds, as `load_dataset` would; `num_train` counts labelled samples after the splits."""
 
     format: str
     classes: list[str]
@@ -95,6 +103,8 @@ class DatasetInfo:
     channels: int
     image_size: tuple[int, int]
     val_source: str
+    num_test: int  # labelled held-out test samples; 0 when there is no test split
+    test_source: str | None  # "given" | "split" | None (no test split)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -104,7 +114,8 @@ class DatasetInfo:
 
 def load_dataset(path: str | Path, spec: DataSpec, *, seed: int, target_size: tuple[int, int] | None = None,
                  workdir: Path | None = None) -> DatasetSplits:
-    """Read an `.npz`, an archive or a folder into memory, splitting off validation data if none is given."""
+    """Read an `.npz`, an archive or a folder into memory, splitting off test data (when the dataset has none
+    and `spec.test_fraction` > 0) and validation data (when none is given)."""
     with open_source(path, spec, workdir=workdir) as src:
         if src.format == "npz":
             arrays = read_npz(src.path, max_files=spec.max_files, max_decoded_bytes=spec.max_decoded_bytes)
@@ -118,69 +129,119 @@ def inspect_dataset(path: str | Path, spec: DataSpec, *, workdir: Path | None = 
         if src.format == "npz":
             a = read_npz(src.path, max_files=spec.max_files, max_decoded_bytes=spec.max_decoded_bytes)
             n_unl = 0 if a.x_unlabeled is None else len(a.x_unlabeled)
-            train, val, val_source = _counts(a.y, a.y_val, spec.val_fraction)
-            return DatasetInfo(format="npz", classes=a.classes, num_classes=len(a.classes), num_train=train,
-                               num_val=val, num_unlabeled=n_unl, channels=a.channels,
-                               image_size=a.image_size, val_source=val_source)
+            plan = _plan(a.y, n_val=_len(a.y_val), n_test=_len(a.y_test), spec=spec, seed=0)
+            return DatasetInfo(format="npz", classes=a.classes, num_classes=len(a.classes),
+                               num_train=len(plan.keep), num_val=plan.num_val, num_unlabeled=n_unl,
+                               channels=a.channels, image_size=a.image_size, val_source=plan.val_source,
+                               num_test=plan.num_test, test_source=plan.test_source)
         listing = scan_image_folder(src.path)
-        files = listing.train_files + listing.val_files + listing.unlabeled_files
-        plan = plan_images(files, listing.root)
-        verify_images(files, listing.root, plan)
-        y_val = np.array(listing.val_labels, dtype=np.int64) if listing.val_files else None
-        train, val, val_source = _counts(np.array(listing.train_labels, dtype=np.int64), y_val,
-                                         spec.val_fraction)
+        files = listing.train_files + listing.val_files + listing.test_files + listing.unlabeled_files
+        image_plan = plan_images(files, listing.root)
+        verify_images(files, listing.root, image_plan)
+        # the counts do not depend on the seed: per-class sizes are fixed, only which samples move is seeded
+        plan = _plan(np.array(listing.train_labels, dtype=np.int64), n_val=len(listing.val_files),
+                     n_test=len(listing.test_files), spec=spec, seed=0)
         return DatasetInfo(format="imagefolder", classes=listing.classes, num_classes=len(listing.classes),
-                           num_train=train, num_val=val, num_unlabeled=len(listing.unlabeled_files),
-                           channels=plan.channels, image_size=plan.size, val_source=val_source)
+                           num_train=len(plan.keep), num_val=plan.num_val,
+                           num_unlabeled=len(listing.unlabeled_files), channels=image_plan.channels,
+                           image_size=image_plan.size, val_source=plan.val_source, num_test=plan.num_test,
+                           test_source=plan.test_source)
 
 
-def _counts(y: np.ndarray, y_val: np.ndarray | None, val_fraction: float) -> tuple[int, int, str]:
-    if y_val is not None and len(y_val):
-        return len(y), len(y_val), "given"
-    train, val = split_indices(y, val_fraction, seed=0)  # the counts do not depend on the seed
-    return len(train), len(val), "split"
+@dataclass
+class _SplitPlan:
+    """Which labelled training samples stay in train, and which are carved off for val and test."""
+
+    keep: np.ndarray  # indices into the training labels that stay in train
+    val: np.ndarray  # carved validation indices; empty when the dataset gives its own
+    test: np.ndarray  # carved test indices; empty when the dataset gives its own or none is wanted
+    val_source: str  # "given" | "split"
+    test_source: str | None  # "given" | "split" | None
+    n_val_given: int
+    n_test_given: int
+
+    @property
+    def num_val(self) -> int:
+        return self.n_val_given or len(self.val)
+
+    @property
+    def num_test(self) -> int:
+        return self.n_test_given or len(self.test)
+
+
+def _plan(y: np.ndarray, *, n_val: int, n_test: int, spec: DataSpec, seed: int) -> _SplitPlan:
+    """The split for training labels `y` when the dataset gives `n_val` validation and `n_test` test samples.
+
+    A given (non-empty) split is used as is; otherwise test is carved first (with a fixed seed, only when
+    `spec.test_fraction` > 0), then validation from what remains with the job's `seed`."""
+    keep, val, test = carve_splits(y, val_fraction=spec.val_fraction, test_fraction=0.0 if n_test else
+                                   spec.test_fraction, seed=seed, carve_val=not n_val)
+    test_source = "given" if n_test else ("split" if len(test) else None)
+    return _SplitPlan(keep=keep, val=val, test=test, val_source="given" if n_val else "split",
+                      test_source=test_source, n_val_given=n_val, n_test_given=n_test)
+
+
+def _len(a: np.ndarray | None) -> int:
+    return 0 if a is None else len(a)
 
 
 def _folder_splits(listing: FolderListing, spec: DataSpec, *, seed: int,
                    target_size: tuple[int, int] | None) -> DatasetSplits:
     y = np.array(listing.train_labels, dtype=np.int64)
-    if listing.val_files:
-        keep, val_files, y_val, val_source = np.arange(len(y)), listing.val_files, listing.val_labels, "given"
+    plan = _plan(y, n_val=len(listing.val_files), n_test=len(listing.test_files), spec=spec, seed=seed)
+    if plan.n_val_given:
+        val_files, y_val = listing.val_files, np.array(listing.val_labels, dtype=np.int64)
     else:
-        keep, val_idx = split_indices(y, spec.val_fraction, seed)
-        val_files = [listing.train_files[i] for i in val_idx]
-        y_val, val_source = y[val_idx].tolist(), "split"
-    # Decoded once, in final order, so train and val are views of one tensor and nothing is copied.
-    train_files = [listing.train_files[i] for i in keep]
-    files = train_files + listing.unlabeled_files + val_files
-    plan = plan_images(files, listing.root, target_size=target_size)
-    images = decode_images(files, listing.root, plan, max_decoded_bytes=spec.max_decoded_bytes)
+        val_files, y_val = [listing.train_files[i] for i in plan.val], y[plan.val]
+    if plan.n_test_given:
+        test_files, y_test = listing.test_files, np.array(listing.test_labels, dtype=np.int64)
+    else:
+        test_files, y_test = [listing.train_files[i] for i in plan.test], y[plan.test]
+    # Decoded once, in final order, so train, val and test are views of one tensor and nothing is copied.
+    train_files = [listing.train_files[i] for i in plan.keep]
+    files = train_files + listing.unlabeled_files + val_files + test_files
+    image_plan = plan_images(files, listing.root, target_size=target_size)
+    images = decode_images(files, listing.root, image_plan, max_decoded_bytes=spec.max_decoded_bytes)
     n_train = len(train_files) + len(listing.unlabeled_files)
-    train_labels = torch.cat([torch.from_numpy(y[keep]),
+    n_seen = n_train + len(val_files)
+    train_labels = torch.cat([torch.from_numpy(y[plan.keep]),
                               torch.full((len(listing.unlabeled_files),), -1, dtype=torch.int64)])
+    test = ImageSet(images[n_seen:], torch.from_numpy(y_test)) if plan.test_source else None
     return DatasetSplits(train=ImageSet(images[:n_train], train_labels),
-                         val=ImageSet(images[n_train:], torch.tensor(y_val, dtype=torch.int64).reshape(-1)),
-                         classes=listing.classes, format="imagefolder", val_source=val_source)
+                         val=ImageSet(images[n_train:n_seen], torch.from_numpy(y_val)),
+                         classes=listing.classes, format="imagefolder", val_source=plan.val_source,
+                         test=test, test_source=plan.test_source)
+
+
+_Parts = list[tuple[np.ndarray, np.ndarray | None]]  # arrays to gather, each with optional row indices
 
 
 def _npz_splits(a: NpzArrays, spec: DataSpec, *, seed: int,
                 target_size: tuple[int, int] | None) -> DatasetSplits:
-    if a.x_val is not None and a.y_val is not None and len(a.x_val):
-        keep = np.arange(len(a.y))
-        val_parts: list[tuple[np.ndarray, np.ndarray | None]] = [(a.x_val, None)]
-        y_val, val_source = a.y_val, "given"
+    plan = _plan(a.y, n_val=_len(a.y_val), n_test=_len(a.y_test), spec=spec, seed=seed)
+    val_parts: _Parts
+    test_parts: _Parts
+    if plan.n_val_given and a.x_val is not None and a.y_val is not None:
+        val_parts, y_val = [(a.x_val, None)], a.y_val
     else:
-        keep, val_idx = split_indices(a.y, spec.val_fraction, seed)
-        val_parts, y_val, val_source = [(a.x, val_idx)], a.y[val_idx], "split"
-    train_parts: list[tuple[np.ndarray, np.ndarray | None]] = [(a.x, keep)]
+        val_parts, y_val = [(a.x, plan.val)], a.y[plan.val]
+    if plan.n_test_given and a.x_test is not None and a.y_test is not None:
+        test_parts, y_test = [(a.x_test, None)], a.y_test
+    else:
+        test_parts, y_test = [(a.x, plan.test)], a.y[plan.test]
+    train_parts: _Parts = [(a.x, plan.keep)]
     n_unl = 0
     if a.x_unlabeled is not None:
         train_parts.append((a.x_unlabeled, None))
         n_unl = len(a.x_unlabeled)
-    train_labels = np.concatenate([a.y[keep], np.full(n_unl, -1, dtype=np.int64)])
+    train_labels = np.concatenate([a.y[plan.keep], np.full(n_unl, -1, dtype=np.int64)])
     # the arrays already passed the byte limit, but a larger target size can still blow it up
-    ensure_decoded_fits(len(keep) + n_unl + len(y_val), a.channels,
+    ensure_decoded_fits(len(plan.keep) + n_unl + len(y_val) + len(y_test), a.channels,
                         target_size or a.image_size, spec.max_decoded_bytes)
+    test = None
+    if plan.test_source:
+        test = ImageSet(to_nchw(test_parts, target_size), torch.from_numpy(np.array(y_test)))
     return DatasetSplits(train=ImageSet(to_nchw(train_parts, target_size), torch.from_numpy(train_labels)),
                          val=ImageSet(to_nchw(val_parts, target_size), torch.from_numpy(np.array(y_val))),
-                         classes=a.classes, format="npz", val_source=val_source)
+                         classes=a.classes, format="npz", val_source=plan.val_source,
+                         test=test, test_source=plan.test_source)

@@ -21,7 +21,7 @@ from .sizes import ensure_decoded_fits
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 MAX_PIXELS = 1 << 26  # 67 Mpx per image (8192 x 8192); beyond that a file is far more likely a bomb
-SPLIT_DIRS = ("train", "val", "unlabeled")
+SPLIT_DIRS = ("train", "val", "test", "unlabeled")
 # Pillow warns past this and refuses past twice this; our own check refuses past it.
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
@@ -33,12 +33,14 @@ class FolderListing:
     """What a dataset folder holds, before decoding: paths lie under `root`, labels index `classes`."""
 
     root: Path  # the folder as given; error messages name files relative to it
-    layout: str  # "split" (train/ [val/] [unlabeled/]) or "flat" (class folders at the top)
+    layout: str  # "split" (train/ [val/] [test/] [unlabeled/]) or "flat" (class folders at the top)
     classes: list[str]
     train_files: list[Path] = field(default_factory=list)
     train_labels: list[int] = field(default_factory=list)
     val_files: list[Path] = field(default_factory=list)
     val_labels: list[int] = field(default_factory=list)
+    test_files: list[Path] = field(default_factory=list)
+    test_labels: list[int] = field(default_factory=list)
     unlabeled_files: list[Path] = field(default_factory=list)
 
 
@@ -59,8 +61,8 @@ def scan_image_folder(root: Path) -> FolderListing:
     base = _unwrap(root)
     if (base / "train").is_dir():
         layout, class_root = "split", base / "train"
-    elif (base / "val").is_dir():
-        raise DatasetError(f"{_rel(base / 'val', root)}/ needs a train/ folder beside it holding one folder "
+    elif lone := next((d for d in ("val", "test") if (base / d).is_dir()), None):
+        raise DatasetError(f"{_rel(base / lone, root)}/ needs a train/ folder beside it holding one folder "
                            "per class", code="invalid_layout")
     else:
         layout, class_root = "flat", base
@@ -74,20 +76,31 @@ def scan_image_folder(root: Path) -> FolderListing:
             empty_classes.append(c)
         listing.train_files += files
         listing.train_labels += [index[c]] * len(files)
-    if layout == "split" and (base / "val").is_dir():
-        for d in _subdirs(base / "val"):
-            if d.name not in index:
-                raise DatasetError(
-                    f"{_rel(d, root)}/ is a validation class with no folder in train/ "
-                    f"(train classes: {', '.join(classes) or 'none'}); validation classes must be a subset",
-                    code="class_mismatch")
-            files = _images_under(d)
-            listing.val_files += files
-            listing.val_labels += [index[d.name]] * len(files)
+    if layout == "split":
+        listing.val_files, listing.val_labels = _held_out(base / "val", "validation", index, root)
+        listing.test_files, listing.test_labels = _held_out(base / "test", "test", index, root)
     if (base / "unlabeled").is_dir():
         listing.unlabeled_files = _images_under(base / "unlabeled")
     _check_listing(listing, class_root, empty_classes)
     return listing
+
+
+def _held_out(folder: Path, what: str, index: dict[str, int], root: Path) -> tuple[list[Path], list[int]]:
+    """The images and labels of a labelled split beside train/ (val/ or test/); its classes are train's."""
+    files: list[Path] = []
+    labels: list[int] = []
+    if not folder.is_dir():
+        return files, labels
+    for d in _subdirs(folder):
+        if d.name not in index:
+            raise DatasetError(
+                f"{_rel(d, root)}/ is a {what} class with no folder in train/ "
+                f"(train classes: {', '.join(index) or 'none'}); {what} classes must be a subset",
+                code="class_mismatch")
+        found = _images_under(d)
+        files += found
+        labels += [index[d.name]] * len(found)
+    return files, labels
 
 
 def plan_images(files: list[Path], root: Path, *, target_size: tuple[int, int] | None = None) -> ImagePlan:
@@ -117,7 +130,7 @@ def verify_images(files: list[Path], root: Path, plan: ImagePlan) -> None:
 
 def _check_listing(listing: FolderListing, class_root: Path, empty_classes: list[str]) -> None:
     root = listing.root
-    if not (listing.train_files or listing.val_files or listing.unlabeled_files):
+    if not (listing.train_files or listing.val_files or listing.test_files or listing.unlabeled_files):
         raise DatasetError(f"no images found in the dataset (looked for {', '.join(sorted(IMAGE_SUFFIXES))} "
                            "files in train/<class>/ or <class>/ folders)", code="empty_dataset")
     if len(listing.classes) < 2:

@@ -1,4 +1,5 @@
-"""Reading `.npz` datasets (x, y, optional x_val/y_val, x_unlabeled, classes) without unpickling anything."""
+"""Reading `.npz` datasets (x, y, optional x_val/y_val, x_test/y_test, x_unlabeled, classes) without unpickling
+anything."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import torch.nn.functional as F
 from ..errors import DatasetError
 from .sizes import human_bytes
 
-KNOWN_KEYS = ("x", "y", "x_val", "y_val", "x_unlabeled", "classes")
-IMAGE_KEYS = ("x", "x_val", "x_unlabeled")
+KNOWN_KEYS = ("x", "y", "x_val", "y_val", "x_test", "y_test", "x_unlabeled", "classes")
+IMAGE_KEYS = ("x", "x_val", "x_test", "x_unlabeled")
 CHUNK = 1024  # images per copy/resize step, to bound temporaries
 
 
@@ -29,6 +30,8 @@ class NpzArrays:
     y_val: np.ndarray | None
     x_unlabeled: np.ndarray | None
     classes: list[str]
+    x_test: np.ndarray | None = None  # a held-out test split, labelled like val
+    y_test: np.ndarray | None = None
 
     @property
     def channels(self) -> int:
@@ -142,18 +145,29 @@ def _validate(raw: dict[str, np.ndarray], name: str) -> NpzArrays:
     if k < 2 or len(np.unique(y)) < 2:
         raise DatasetError(f"{name}: y holds {len(np.unique(y))} distinct label(s) of {k} class(es); "
                            "at least 2 classes are needed", code="too_few_classes")
-    if ("x_val" in raw) != ("y_val" in raw):
-        have, lack = ("x_val", "y_val") if "x_val" in raw else ("y_val", "x_val")
-        raise DatasetError(f"{name} has {have} but no {lack}; give both or neither", code="missing_array")
-    x_val = y_val = x_unl = None
-    if "x_val" in raw:
-        x_val = _same_shape(_images(raw["x_val"], "x_val", name), x, "x_val", name)
-        y_val = _labels(raw["y_val"], "y_val", name, len(x_val))
-        _in_range(y_val, "y_val", name, k)
+    x_val, y_val = _labelled_split(raw, "val", x, k, name)
+    x_test, y_test = _labelled_split(raw, "test", x, k, name)
+    x_unl = None
     if "x_unlabeled" in raw:
         x_unl = _same_shape(_images(raw["x_unlabeled"], "x_unlabeled", name), x, "x_unlabeled", name)
     names = classes if classes is not None else [str(i) for i in range(k)]
-    return NpzArrays(x=x, y=y, x_val=x_val, y_val=y_val, x_unlabeled=x_unl, classes=names)
+    return NpzArrays(x=x, y=y, x_val=x_val, y_val=y_val, x_unlabeled=x_unl, classes=names, x_test=x_test,
+                     y_test=y_test)
+
+
+def _labelled_split(raw: dict[str, np.ndarray], split: str, x: np.ndarray, k: int,
+                    name: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """x_<split> and y_<split> (val or test): both or neither, images shaped like x, labels in 0..k-1."""
+    xk, yk = f"x_{split}", f"y_{split}"
+    if (xk in raw) != (yk in raw):
+        have, lack = (xk, yk) if xk in raw else (yk, xk)
+        raise DatasetError(f"{name} has {have} but no {lack}; give both or neither", code="missing_array")
+    if xk not in raw:
+        return None, None
+    xs = _same_shape(_images(raw[xk], xk, name), x, xk, name)
+    ys = _labels(raw[yk], yk, name, len(xs))
+    _in_range(ys, yk, name, k)
+    return xs, ys
 
 
 def _images(a: np.ndarray, key: str, name: str) -> np.ndarray:
@@ -178,7 +192,7 @@ def _labels(a: np.ndarray, key: str, name: str, n: int) -> np.ndarray:
         raise DatasetError(f"{name}: {key} has shape {a.shape}; labels must be one integer per image",
                            code="invalid_labels")
     if len(a) != n:
-        images = "x" if key == "y" else "x_val"
+        images = "x" + key[1:]  # y → x, y_val → x_val, y_test → x_test
         raise DatasetError(f"{name}: {key} has {len(a)} labels but {images} has {n} images",
                            code="shape_mismatch")
     return a.astype(np.int64)
