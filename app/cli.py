@@ -55,7 +55,8 @@ def run(
                     f"[dim]{m.run} epoch {m.epoch}/{m.epochs}[/] loss {m.train_loss:.4f}  "
                     f"val acc {m.student_accuracy:.4f}"
                     + (f"  teacher {m.teacher_accuracy:.4f}  agreement {m.agreement:.4f}"
-                       if m.teacher_accuracy is not None else "") + ("  [green]best[/]" if m.best else "")),
+                       if m.teacher_accuracy is not None else "") + ("  [green]best[/]" if m.best else "")
+                    + ("  [dim](from the checkpoint)[/]" if m.replayed else "")),
                 on_event=lambda kind, message, data: bar.console.print(_run_event_line(kind, message, data),
                                                                        soft_wrap=True),
             )
@@ -110,6 +111,48 @@ def models(family: str | None = typer.Option(None, help="torchvision or small"))
         info = model_info(name)
         if family in (None, info.family):
             typer.echo(f"{name:28s} {info.family:12s} input {info.default_input_size} (min {info.min_input_size})")
+
+
+@cli.command()
+def doctor() -> None:
+    """Say which sandbox protections work on this host, with the KDISTILL_* settings of the environment;
+    exit 1 when TorchScript teachers are allowed but cannot be contained (no Landlock)."""
+    from app.settings import get_settings
+    from worker.sandbox import Config, probe
+
+    settings = get_settings()
+    p = probe(Config.from_settings(settings))
+    ok, bad = "[green]yes[/]", "[red]no[/]"
+    limits = p["rlimits"]
+
+    def size(n: int | None) -> str:
+        return "no limit" if not n else f"{n / (1 << 30):.0f} GiB"
+
+    table = Table("protection", "active", "detail", title="kdistill sandbox on this host")
+    table.add_row("Landlock (files)", ok if p["landlock"] else bad,
+                  f"ABI {p['landlock_abi']}" if p["landlock"] else "missing: children can read and write this "
+                  "user's files")
+    table.add_row("seccomp (network)", ok if p["seccomp"] else bad,
+                  f"{p['seccomp_arch']}: sockets other than AF_UNIX refused" if p["seccomp"] else
+                  "missing: children can open network connections")
+    table.add_row("separate uid", ok if p["separate_uid"] else "[yellow]no[/]", escape(p["uid_note"]))
+    table.add_row("process limit", ok if p["processes"] != "unbounded" else bad, p["processes"])
+    table.add_row("memory limit", ok if limits["inspect_memory"] else bad,
+                  f"inspection {size(limits['inspect_memory'])}, job {size(limits['job_memory'])} "
+                  f"(on a GPU {size(limits['job_memory_gpu'])})")
+    table.add_row("file size limit", ok if limits["max_file_bytes"] else bad, size(limits["max_file_bytes"]))
+    console.print(table)
+    if not settings.allow_torchscript:
+        console.print("TorchScript teachers: switched off (KDISTILL_ALLOW_TORCHSCRIPT=false)")
+    elif p["torchscript_contained"]:
+        console.print("TorchScript teachers: allowed, and confined by Landlock")
+    else:
+        allowed = settings.allow_unconfined_torchscript
+        console.print("[red]TorchScript teachers cannot be contained here[/] (no Landlock): "
+                      + ("KDISTILL_ALLOW_UNCONFINED_TORCHSCRIPT lets them run anyway" if allowed else
+                         "uploads and jobs are refused with torchscript_unsandboxed; set "
+                         "KDISTILL_ALLOW_TORCHSCRIPT=false to say so"))
+        raise typer.Exit(1)
 
 
 # -- the one-machine service ------------------------------------------------------------------------------

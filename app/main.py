@@ -10,11 +10,13 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from worker.sandbox import make_undumpable
+from worker.sandbox import log_protections_once, make_undumpable
 
 from .api.errors import install_error_handlers
+from .api.guard import RequestGuard
 from .api.metrics import install_metrics
 from .api.routes import datasets, health, jobs, teachers
+from .api.schemas import ERROR_RESPONSES
 from .api.uploads import UploadGuard
 from .db import session_scope
 from .logs import setup_logging
@@ -42,12 +44,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="kdistill", version="1", description=DESCRIPTION, lifespan=_lifespan)
     app.state.settings = settings
     install_error_handlers(app)
-    install_metrics(app, settings)
+    # The last added runs first: metrics see every request, the guard (Host, Origin, API key) refuses before
+    # the upload guard or any form parser reads a byte of the body.
     app.add_middleware(UploadGuard, settings=settings)
-    for module in (health, teachers, datasets, jobs):
-        app.include_router(module.router)
+    app.add_middleware(RequestGuard, settings=settings)
+    install_metrics(app, settings)
+    app.include_router(health.router)
+    for module in (teachers, datasets, jobs):
+        app.include_router(module.router, responses=ERROR_RESPONSES)
     if settings.auth == "disabled":
         log.warning("API keys are switched off: every caller is tenant 'local'")
+    log_protections_once(settings)  # the upload inspector's sandbox, said once at start-up
     return app
 
 

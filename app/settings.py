@@ -19,6 +19,13 @@ class Settings(BaseSettings):
     database_url: str | None = None  # default: SQLite in data_dir
     broker_url: str | None = None  # default: Celery's filesystem transport in data_dir
     auth: Literal["required", "disabled"] = "required"
+    # Which Host headers may reach the API: comma-separated `name` (any port) or `name:port`, `*` for any.
+    # Empty: with keys switched off, 127.0.0.1, localhost, [::1] and the address the request came in on, at
+    # the server's port; with keys required, no check. See README "Security".
+    allowed_hosts: str = ""
+    # With keys switched off: origins (scheme://host[:port], comma-separated) besides the server's own that
+    # may send POST/PUT/PATCH/DELETE with an Origin header.
+    allowed_origins: str = ""
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
 
@@ -39,6 +46,19 @@ class Settings(BaseSettings):
     max_decoded_bytes: int = Field(16 << 30, ge=1)
     allow_torchscript: bool = True
     inspect_timeout: float = Field(300.0, gt=0)
+
+    # The sandbox of the children that open uploads (README "Sandbox"). A root worker runs them as this
+    # uid/gid (0: keep root, without capabilities); sizes in bytes, 0 means no limit.
+    sandbox_uid: int = Field(65534, ge=0)
+    sandbox_gid: int = Field(65534, ge=0)
+    sandbox_inspect_max_memory: int = Field(8 << 30, ge=0)  # RLIMIT_AS; importing torch alone maps ~3.5 GB
+    sandbox_inspect_cpu_seconds: int = Field(0, ge=0)  # RLIMIT_CPU; 0: inspect_timeout × CPU count
+    sandbox_job_max_memory: int = Field(64 << 30, ge=0)  # RLIMIT_AS of a job on the CPU
+    sandbox_job_max_memory_gpu: int = Field(0, ge=0)  # of a job that may use CUDA, which maps terabytes
+    sandbox_max_processes: int = Field(512, ge=1)  # RLIMIT_NPROC: tasks (threads too) a child may add
+    sandbox_max_file_bytes: int = Field(64 << 30, ge=0)  # RLIMIT_FSIZE: the largest file a child may write
+    # Run TorchScript teachers where Landlock is missing (they could then read and write this worker's files).
+    allow_unconfined_torchscript: bool = False
 
     default_queue: str = "gpu"
     job_max_seconds: float = Field(48 * 3600.0, gt=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -13,6 +14,13 @@ from typing import Any, Protocol
 from .settings import Settings
 
 CHUNK = 1 << 20
+log = logging.getLogger("kdistill.storage")
+
+
+class InputCorrupted(Exception):
+    """A stored teacher or dataset whose bytes are not the ones uploaded (their sha256 differs)."""
+
+    code = "input_corrupted"
 
 
 class ArtifactStore(Protocol):
@@ -20,7 +28,7 @@ class ArtifactStore(Protocol):
 
     def put_file(self, key: str, source: Path) -> None: ...
     def fetch(self, key: str, dest: Path) -> None: ...
-    def local_path(self, key: str) -> Path: ...
+    def local_path(self, key: str, refresh: bool = False) -> Path: ...
     def open_chunks(self, key: str) -> Iterator[bytes]: ...
     def size(self, key: str) -> int: ...
     def exists(self, key: str) -> bool: ...
@@ -55,8 +63,8 @@ class LocalStore:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self._path(key), dest)
 
-    def local_path(self, key: str) -> Path:
-        return self._path(key)
+    def local_path(self, key: str, refresh: bool = False) -> Path:
+        return self._path(key)  # the store's own file: there is no other copy to fetch again
 
     def open_chunks(self, key: str) -> Iterator[bytes]:
         with self._path(key).open("rb") as f:
@@ -113,9 +121,13 @@ class S3Store:
         self.client.download_file(self.bucket, self._key(key), str(tmp))
         os.replace(tmp, dest)
 
-    def local_path(self, key: str) -> Path:
+    def local_path(self, key: str, refresh: bool = False) -> Path:
+        """The object in this machine's cache, downloaded when absent or when `refresh` (the new copy
+        replaces the old in one rename: a reader of the old file keeps reading it)."""
         dest = (self.cache / self._key(key)).resolve()
-        if not dest.is_file():
+        if not dest.is_relative_to(self.cache):
+            raise ValueError(f"storage key {key!r} escapes the cache")
+        if refresh or not dest.is_file():
             dest.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
             os.close(fd)
@@ -173,3 +185,22 @@ def sha256_of(path: Path) -> str:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def verified_local_path(store: ArtifactStore, key: str, sha256: str, what: str) -> Path:
+    """A local copy of `key` whose sha256 is `sha256` (recorded when it was uploaded): a cached copy that
+    differs (a cut-short download, a bad disk, someone's edit) is fetched again, once; raises InputCorrupted
+    when even that differs. `what` names the object in the message, e.g. "teacher tch_…"."""
+    path = store.local_path(key)
+    found = sha256_of(path)
+    if found == sha256:
+        return path
+    log.warning("%s: the copy at %s has sha256 %s, not %s as uploaded; fetching it again", what, path, found, sha256)
+    path = store.local_path(key, refresh=True)
+    found = sha256_of(path)
+    if found == sha256:
+        return path
+    if isinstance(store, S3Store):
+        path.unlink(missing_ok=True)  # never leave a bad copy in the cache
+    raise InputCorrupted(f"the stored file of {what} is not the file that was uploaded (sha256 {found[:12]}… "
+                         f"instead of {sha256[:12]}…, also after fetching it again); upload it again")

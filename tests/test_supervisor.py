@@ -16,7 +16,7 @@ from app.keys import get_or_create_tenant
 from app.migrate import upgrade
 from app.models import Dataset, Job, JobEvent, Teacher
 from app.settings import Settings
-from app.storage import get_store
+from app.storage import get_store, sha256_of
 from worker.distill.students import create_model
 from worker.supervisor import Supervisor, _ChildState
 
@@ -36,10 +36,12 @@ def deployment(tmp_path):
         tenant = get_or_create_tenant(s, "t")
         s.add(Teacher(id="tch_1", tenant_id=tenant.id, filename="t.safetensors", format="safetensors",
                       arch="resnet8", num_classes=4, input_channels=1, input_size=[8, 8], mean=[0.5], std=[0.5],
-                      sha256="0" * 64, size_bytes=1, storage_key="teachers/tch_1/t.safetensors"))
+                      sha256=sha256_of(tmp_path / "t.safetensors"), size_bytes=1,
+                      storage_key="teachers/tch_1/t.safetensors"))
         s.add(Dataset(id="ds_1", tenant_id=tenant.id, filename="d.npz", format="npz", classes=list("abcd"),
                       num_classes=4, num_train=320, num_val=80, num_unlabeled=0, channels=1, image_size=[8, 8],
-                      val_source="split", sha256="0" * 64, size_bytes=1, storage_key="datasets/ds_1/d.npz"))
+                      val_source="split", sha256=sha256_of(tmp_path / "d.npz"), size_bytes=1,
+                      storage_key="datasets/ds_1/d.npz"))
         s.flush()
         s.add(Job(id="job_1", tenant_id=tenant.id, teacher_id="tch_1", dataset_id="ds_1", queue="cpu",
                   request_hash="x", request={"student": {"arch": "resnet8"}, "export_formats": ["onnx"],

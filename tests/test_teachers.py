@@ -3,8 +3,10 @@ TeacherError with a stable code instead of a crash (or, worse, code execution)."
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from torch import nn
 
 from worker.distill.errors import TeacherError, UnsafeCheckpointError
 from worker.distill.spec import InputSpec, TeacherSpec
+from worker.distill.statedict import load_state_dict_file
 from worker.distill.teachers import check_finite, detect_format, load_teacher
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -327,6 +330,13 @@ def test_missing_file_is_file_not_found(tmp_path):
     assert code_of(spec) == "file_not_found"
 
 
+def _zip_of(name: str) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(name, "not a checkpoint")
+    return buf.getvalue()
+
+
 GARBAGE = {
     "random.pt": np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
     "random.safetensors": np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
@@ -335,7 +345,15 @@ GARBAGE = {
     "empty.pt": b"",
     "bad_header.safetensors": (20).to_bytes(8, "little") + b"{not json at all...." + b"\0" * 40,
     "corrupt_pickle.pt": b"\x80" + b"garbage" * 100,  # starts like a legacy torch.save pickle
+    "not_torch_zip.pt": _zip_of("foo.txt"),  # torch.load says "[enforce fail at inline_container.cc:180] ..."
 }
+INTERNALS = ("enforce fail", "inline_container", "PytorchStreamReader", "miniz", "WeightsUnpickler", "Traceback")
+
+
+def assert_readable(message: str, name: str) -> None:
+    """Names the upload, not a path or temp file, and says nothing of the loaders' internals."""
+    assert name in message and "/" not in message.split(name)[0], message
+    assert not any(word.lower() in message.lower() for word in INTERNALS), message
 
 
 @pytest.mark.parametrize("name", sorted(GARBAGE))
@@ -348,6 +366,13 @@ def test_garbage_bytes_are_a_readable_teacher_error(name, arch, tmp_path):
         load_teacher(spec, device="cpu", num_classes=10)
     assert err.value.code in {"unreadable_teacher", "unreadable_weights", "missing_arch"}, err.value.code
     assert err.value.code != "missing_arch" or arch is None
+    if err.value.code != "missing_arch":
+        assert_readable(err.value.message, name)
+    if name.endswith(".pt") and GARBAGE[name]:  # the loader every .pt state dict goes through
+        with pytest.raises(TeacherError) as direct:
+            load_state_dict_file(path)
+        assert direct.value.code == "unreadable_weights"
+        assert_readable(direct.value.message, name)
 
 
 def test_truncated_checkpoint_is_a_readable_teacher_error(resnet8, tmp_path):
@@ -356,6 +381,15 @@ def test_truncated_checkpoint_is_a_readable_teacher_error(resnet8, tmp_path):
     path.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
     spec = TeacherSpec(path=str(path), arch="resnet8", input=grey8())
     assert code_of(spec) in {"unreadable_teacher", "unreadable_weights"}
+    with pytest.raises(TeacherError) as err:
+        load_teacher(spec, device="cpu")
+    assert_readable(err.value.message, "truncated.pt")
+    for cut in (full.stat().st_size // 2, full.stat().st_size - 10):  # torch.load's own zip reader fails
+        path.write_bytes(full.read_bytes()[:cut])
+        with pytest.raises(TeacherError) as err:
+            load_state_dict_file(path)
+        assert err.value.code == "unreadable_weights" and "truncated" in err.value.message
+        assert_readable(err.value.message, "truncated.pt")
 
 
 # ------------------------------------------------------------------------------------------ ONNX teachers

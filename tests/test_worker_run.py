@@ -99,7 +99,10 @@ def test_cancel_file_stops_the_run_and_a_rerun_resumes_from_its_checkpoint(tmp_p
     events = lines_of(again.stdout)
     resumed = [e for e in events if e["type"] == "event" and e["kind"] == "resumed"]
     assert resumed and resumed[0]["data"]["epoch"] >= 2
-    assert next(e["epoch"] for e in events if e["type"] == "epoch") == resumed[0]["data"]["epoch"] + 1
+    replayed = [e["epoch"] for e in events if e["type"] == "epoch" and e["replayed"]]
+    assert replayed == list(range(1, resumed[0]["data"]["epoch"] + 1))  # the checkpoint's epochs, sent again
+    assert next(e["epoch"] for e in events if e["type"] == "epoch" and not e["replayed"]) == \
+        resumed[0]["data"]["epoch"] + 1
     assert events[-1]["metrics"]["resumed_from_epoch"] == resumed[0]["data"]["epoch"]
     assert time.monotonic() - t0 < 600
 

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from app.db import session_scope
 from app.models import WorkerRecord, utcnow
 from app.settings import Settings, get_settings
-from worker.sandbox import make_undumpable
+from worker.sandbox import log_protections_once, make_undumpable
 
 log = logging.getLogger("kdistill.worker")
 HEARTBEAT_SECONDS = 20.0
@@ -68,6 +68,7 @@ def _settings_of(sender: Any) -> Settings:
 def _on_ready(sender: Any = None, **_: Any) -> None:
     make_undumpable()  # the training children this worker starts must not read its credentials
     settings, name = _settings_of(sender), sender.hostname
+    log_protections_once(settings)  # what the sandbox of this worker's children can enforce on this host
     queues = sorted(sender.app.amqp.queues.consume_from.keys())
     try:
         register(settings, name, queues, describe_device())

@@ -4,6 +4,10 @@ Reads a job spec (JSON or YAML of file paths and settings), writes one JSON obje
 (`phase`, `progress`, `epoch`, `event`, then `result` or `error`), and resumes from the checkpoints in the
 spec's checkpoint folder. Exit status: 0 done, 2 bad input (an `error` line with its code), 3 cancelled,
 1 unexpected failure. Needs no database, network or credentials.
+
+With `--sandbox POLICY` (JSON from worker.sandbox, as the supervisor passes it) the process confines itself
+before it reads anything else: Landlock, seccomp, rlimits and a separate uid. A TorchScript teacher is then
+refused (`torchscript_unsandboxed`) where Landlock is missing, unless the policy accepts that risk.
 """
 
 from __future__ import annotations
@@ -72,16 +76,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-dir", help="checkpoint folder to resume from (overrides the spec)")
     parser.add_argument("--fresh", action="store_true", help="delete the checkpoints first: never resume")
     parser.add_argument("--cancel-file", help="stop cleanly at the next step once this file exists")
+    parser.add_argument("--sandbox", metavar="POLICY", help="confine this process first (JSON, worker.sandbox)")
     args = parser.parse_args(argv)
 
     out = JsonLines(sys.stdout)
     sys.stdout = sys.stderr  # library chatter must not corrupt the JSON stream
+    from worker.sandbox import SandboxError, as_violation, enter_from_argv, torchscript_refusal
+
+    try:  # first of all: nothing untrusted has been opened yet, and no thread runs
+        confinement = enter_from_argv(args.sandbox)
+    except (SandboxError, OSError) as e:
+        out.emit("error", code="sandbox_failed", message=f"the job could not be sandboxed: {e}")
+        return EXIT_INTERNAL
+    if confinement is not None:
+        print(f"sandbox: {confinement.summary()}", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, _on_sigterm)
 
     from worker.distill.errors import Cancelled, DistillError
     from worker.distill.progress import Callbacks
     from worker.distill.runner import run_job
     from worker.distill.spec import JobSpec, checkpoint_folder, load_spec, parse_model, resolve_paths
+    from worker.distill.teachers import detect_format
 
     try:
         if args.spec == "-":
@@ -91,9 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {k: str(Path(v).resolve()) for k, v in
                      (("output_dir", args.output_dir), ("checkpoint_dir", args.checkpoint_dir)) if v}
         spec = spec.model_copy(update=overrides)
+        teacher = Path(spec.teacher.path)
+        if spec.allow_torchscript_teacher and (refusal := torchscript_refusal(confinement)) and (
+                spec.teacher.format or (detect_format(teacher) if teacher.is_file() else None)) == "torchscript":
+            out.emit("error", code="torchscript_unsandboxed", message=refusal, field="teacher.path")
+            return EXIT_BAD_INPUT
         if args.fresh:
             shutil.rmtree(checkpoint_folder(spec), ignore_errors=True)
-        out.emit("started", pid=os.getpid(), spec=spec.model_dump(mode="json"))
+        out.emit("started", pid=os.getpid(), spec=spec.model_dump(mode="json"),
+                 sandbox=confinement.to_dict() if confinement is not None else None)
         callbacks = Callbacks(
             on_progress=lambda p: out.emit("progress", **p.to_dict()),
             on_epoch=lambda m: out.emit("epoch", **m.to_dict()),
@@ -108,12 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         out.emit("error", **e.to_dict())
         return EXIT_CANCELLED
     except DistillError as e:
-        out.emit("error", **e.to_dict(), traceback=traceback.format_exc())
+        out.emit("error", **as_violation(confinement, e.to_dict()), traceback=traceback.format_exc())
         return EXIT_BAD_INPUT
     except Exception as e:  # the supervisor gets a readable line; the traceback travels beside it
-        out.emit("error", code="internal_error", message=f"unexpected {type(e).__name__}: {e}",
-                 traceback=traceback.format_exc())
-        return EXIT_INTERNAL
+        error = as_violation(confinement, {"code": "internal_error", "message": f"unexpected {type(e).__name__}: {e}"})
+        out.emit("error", **error, traceback=traceback.format_exc())
+        return EXIT_BAD_INPUT if error["code"] == "sandbox_violation" else EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -25,17 +25,17 @@ from typing import Any
 
 from billiard.exceptions import Terminated
 from celery.exceptions import WorkerShutdown, WorkerTerminate
-from sqlalchemy import or_, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import OperationalError
 
 from app.db import session_scope
 from app.jobs import add_event, add_warning
-from app.models import Artifact, Dataset, Job, Teacher, utcnow
+from app.models import Artifact, Dataset, Job, JobEvent, Teacher, utcnow
 from app.settings import Settings
-from app.storage import get_store, sha256_of
+from app.storage import InputCorrupted, get_store, sha256_of, verified_local_path
 from worker.distill.export import FILE_NAMES
 from worker.distill.spec import Checks, DataSpec, InputSpec, JobSpec, StudentSpec, TeacherSpec
-from worker.sandbox import child_env, die_with_parent
+from worker.sandbox import Config, child_env, job_policy, log_protections_once
 
 log = logging.getLogger("kdistill.worker")
 # What Celery raises inside a task when the worker is shut down or terminated (the solo pool answers a
@@ -104,6 +104,12 @@ class Supervisor:
             # another delivery resumes it from its last checkpoint.
             self.log.warning("job %s: the worker is stopping; the job will resume elsewhere", self.job_id)
             raise
+        except InputCorrupted as e:  # a teacher or dataset that is not what was uploaded: never train on it
+            self.log.error("job %s: %s", self.job_id, e)
+            with session_scope(self.url) as s:
+                job = s.get(Job, self.job_id)
+                if job is not None and job.status == "running":
+                    self._finish(s, job, "failed", e.code, str(e))
         except Exception as e:  # the job must end in a final state whatever breaks here
             self.log.exception("supervising job %s failed", self.job_id)
             with session_scope(self.url) as s:
@@ -131,12 +137,15 @@ class Supervisor:
             s_input = InputSpec(channels=teacher.input_channels, size=size, mean=student.get("mean"),
                                 std=student.get("std"))
         data = req.get("data") or {}
+        # The child gets only copies whose sha256 is the one recorded at upload (InputCorrupted otherwise).
+        teacher_path = verified_local_path(store, teacher.storage_key, teacher.sha256, f"teacher {teacher.id}")
+        dataset_path = verified_local_path(store, dataset.storage_key, dataset.sha256, f"dataset {dataset.id}")
         return JobSpec(
-            teacher=TeacherSpec(path=str(store.local_path(teacher.storage_key)), format=teacher.format,
+            teacher=TeacherSpec(path=str(teacher_path), format=teacher.format,
                                 arch=teacher.arch, num_classes=teacher.num_classes, input=t_input,
                                 classes=teacher.classes or None),
             student=StudentSpec(arch=student["arch"], input=s_input),
-            data=DataSpec(path=str(store.local_path(dataset.storage_key)), val_fraction=data.get("val_fraction", 0.2),
+            data=DataSpec(path=str(dataset_path), val_fraction=data.get("val_fraction", 0.2),
                           test_fraction=data.get("test_fraction") or 0.0,
                           augment=data.get("augment", False), max_files=self.settings.max_dataset_files,
                           max_unpacked_bytes=self.settings.max_unpacked_bytes,
@@ -166,13 +175,22 @@ class Supervisor:
         cancel_file.unlink(missing_ok=True)
         (self.job_dir / "spec.json").write_text(spec.model_dump_json(indent=2))
         self._restore_checkpoints()
+        # The child confines itself with this policy before it opens the teacher: it reads the teacher and
+        # the dataset, writes this job's folder only (handed to the sandbox's uid when we are root).
+        log_protections_once(self.settings)
+        policy = job_policy(Config.from_settings(self.settings), self.job_dir,
+                            [Path(spec.teacher.path), Path(spec.data.path)], spec.hyperparameters.device)
         child_log = (self.job_dir / "child.log").open("ab")
         self.proc = proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.run", str(self.job_dir / "spec.json"), "--cancel-file", str(cancel_file)],
+            # -P: the job folder, which the child writes, is never on its import path
+            [sys.executable, "-P", "-m", "worker.run", str(self.job_dir / "spec.json"), "--cancel-file",
+             str(cancel_file), "--sandbox", policy.to_json()],
             stdout=subprocess.PIPE, stderr=child_log, stdin=subprocess.DEVNULL, start_new_session=True,
-            preexec_fn=die_with_parent, env=child_env(), cwd=str(self.job_dir))
+            env=child_env(), cwd=str(self.job_dir))
         child_log.close()
-        self.log.info("job %s: training process %d started", self.job_id, proc.pid)
+        self.log.info("job %s: training process %d started (sandbox uid %s%s)", self.job_id, proc.pid,
+                      policy.uid if policy.uid is not None else os.geteuid(),
+                      f"; {policy.uid_note}" if policy.uid_note else "")
         lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
 
@@ -246,6 +264,13 @@ class Supervisor:
                 if job is None or job.worker != self.worker:
                     return
                 data = {k: v for k, v in msg.items() if k not in ("type", "time")}
+                if data.pop("replayed", False):
+                    # an epoch of a checkpoint this job resumed from: record it only if the worker that ran
+                    # it died before it could (the child saves the checkpoint before we see the epoch line)
+                    if not self._has_epoch_event(s, data["run"], data["epoch"]):
+                        add_event(s, job.id, "epoch", f"{data['run']} epoch {data['epoch']}/{data['epochs']} "
+                                  f"(from the checkpoint): val accuracy {data['student_accuracy']:.4f}", **data)
+                    return
                 metrics = dict(job.metrics or {})
                 if data["run"] == "student":
                     # until the run ends, the figures are the latest epoch's on validation; the final ones
@@ -269,6 +294,10 @@ class Supervisor:
                 if msg.get("kind") == "device":
                     s.execute(update(Job).where(self._ours()).values(
                         device=msg.get("message", "").removeprefix("training on ")))
+
+    def _has_epoch_event(self, s: Any, run: str, epoch: int) -> bool:
+        events = s.scalars(select(JobEvent).where(JobEvent.job_id == self.job_id, JobEvent.kind == "epoch"))
+        return any(e.data.get("run") == run and e.data.get("epoch") == epoch for e in events)
 
     # Workers on other machines share no disk: with an object store, each epoch's checkpoint goes there
     # too, so whichever worker gets a lost job resumes it.

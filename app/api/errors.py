@@ -36,11 +36,17 @@ def get_owned(session: Any, model: Any, ident: str, tenant_id: str, field: str |
 
 
 def error_body(code: str, message: str, field: str | None = None, **extra: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"code": code, "message": message}
+    # Messages quote untrusted names; one that is not valid Unicode must not turn a 4xx into a 500.
+    body: dict[str, Any] = {"code": code, "message": _text(message)}
     if field:
-        body["field"] = field
+        body["field"] = _text(field)
     body.update(extra)
     return body
+
+
+def _text(s: str) -> str:
+    """`s` as valid UTF-8 text: lone surrogates (from undecodable bytes) become backslash escapes."""
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",

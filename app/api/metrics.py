@@ -1,4 +1,8 @@
-"""Prometheus metrics at /metrics: HTTP traffic from this process, job figures from the database."""
+"""Prometheus metrics at /metrics: HTTP traffic from this process, job figures from the database.
+
+/metrics takes no API key (scrapers have none), so it says nothing about any one tenant or job: every label
+is a status, a queue, a method, a route template or an HTTP status; job figures are totals per queue.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from app.settings import Settings
 
 DURATION_BUCKETS = (60, 300, 900, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600, 24 * 3600, 72 * 3600)
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class JobCollector:
@@ -31,8 +36,9 @@ class JobCollector:
     def collect(self) -> Iterator[Any]:
         jobs = GaugeMetricFamily("kdistill_jobs", "Jobs by status", labels=["status"])
         depth = GaugeMetricFamily("kdistill_queue_depth", "Queued jobs waiting for a worker", labels=["queue"])
-        speed = GaugeMetricFamily("kdistill_job_samples_per_second", "Training throughput of running jobs",
-                                  labels=["job_id", "queue"])
+        speed = GaugeMetricFamily("kdistill_job_samples_per_second",
+                                  "Training throughput of the running jobs of a queue, summed", labels=["queue"])
+        running = GaugeMetricFamily("kdistill_running_jobs", "Running jobs per queue", labels=["queue"])
         with session_scope(self.url) as s:
             counts = dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
             for status in STATUSES:
@@ -40,9 +46,11 @@ class JobCollector:
             for queue, n in s.execute(select(Job.queue, func.count()).where(Job.status == "queued")
                                       .group_by(Job.queue)).all():
                 depth.add_metric([queue], n)
-            for job_id, queue, sps in s.execute(select(Job.id, Job.queue, Job.samples_per_s)
-                                                .where(Job.status == "running", Job.samples_per_s.is_not(None))):
-                speed.add_metric([job_id, queue], sps)
+            # Totals per queue, never per job: a job id is one tenant's business.
+            for queue, n, sps in s.execute(select(Job.queue, func.count(), func.sum(Job.samples_per_s))
+                                           .where(Job.status == "running").group_by(Job.queue)).all():
+                running.add_metric([queue], n)
+                speed.add_metric([queue], float(sps or 0.0))
             since = utcnow() - timedelta(days=7)
             spans = s.execute(select(Job.started_at, Job.finished_at).where(
                 Job.finished_at >= since, Job.started_at.is_not(None), Job.status == "succeeded")).all()
@@ -52,7 +60,7 @@ class JobCollector:
         hist = HistogramMetricFamily("kdistill_job_duration_seconds",
                                      "Run time of jobs that succeeded in the last 7 days")
         hist.add_metric([], buckets, sum_value=sum(durations))
-        yield from (jobs, depth, speed, hist)
+        yield from (jobs, depth, running, speed, hist)
 
 
 def install_metrics(app: FastAPI, settings: Settings) -> None:
@@ -94,5 +102,6 @@ class _Measure:
         finally:
             # The path template, not the path: one series per endpoint however many job ids there are.
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.requests.labels(scope["method"], route, str(status)).inc()
-            self.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
+            method = scope["method"] if scope["method"] in METHODS else "OTHER"  # no label a client can invent
+            self.requests.labels(method, route, str(status)).inc()
+            self.latency.labels(method, route).observe(time.perf_counter() - start)

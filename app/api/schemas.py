@@ -150,9 +150,24 @@ class Progress(BaseModel):
 
 
 class ErrorOut(BaseModel):
+    """Every error: a stable machine-readable `code`, a `message` for people, the offending `field`."""
+
     code: str
     message: str
     field: str | None = None
+
+
+# Documented on every /v1 operation (FastAPI's default 422 body is not what this API sends).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorOut, "description": text} for status, text in (
+        (400, "Malformed request (body not JSON or multipart, bad Host)"),
+        (401, "Missing or invalid API key"),
+        (403, "Origin not allowed (local mode)"),
+        (404, "No such object for this API key"),
+        (409, "Conflict (idempotency key reused, job finished)"),
+        (413, "Upload or archive too large"),
+        (415, "Unsupported media type or file format"),
+        (422, "Invalid input: `field` names it"))}
 
 
 class WarningOut(BaseModel):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.settings import Settings
-from worker.sandbox import child_env, die_with_parent
+from worker.sandbox import child_env
 
 from .errors import ApiError
 
@@ -68,11 +70,35 @@ class UploadGuard:
                 raise UploadTooLarge(413, f"the upload is larger than this server's limit of {limit:,} bytes")
             return message
 
-        await self.app(scope, counting_receive, send)
+        # save_upload makes each upload's folder; they go before the answer's last byte (the route is done
+        # with them by then), or when the request ends however it ends.
+        folders: list[Path] = []
+
+        async def remove_folders() -> None:
+            while folders:
+                await run_in_threadpool(shutil.rmtree, folders.pop(), True)
+
+        async def send_after_cleanup(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                await remove_folders()
+            await send(message)
+
+        token = _upload_dirs.set(folders)
+        try:
+            await self.app(scope, counting_receive, send_after_cleanup)
+        finally:
+            _upload_dirs.reset(token)
+            await remove_folders()
+
+
+# The upload folders made during the current request (set by UploadGuard, filled by save_upload).
+_upload_dirs: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar("kdistill_upload_dirs", default=None)
 
 
 async def _refuse(status: int, code: str, message: str, scope: Scope, receive: Receive, send: Send) -> None:
-    await JSONResponse({"code": code, "message": message}, status_code=status)(scope, receive, send)
+    # Connection: close, so that the server hangs up instead of reading (and discarding) the refused body.
+    await JSONResponse({"code": code, "message": message}, status_code=status,
+                       headers={"Connection": "close"})(scope, receive, send)
 
 
 def safe_filename(name: str | None, default: str) -> str:
@@ -82,14 +108,18 @@ def safe_filename(name: str | None, default: str) -> str:
 
 
 async def save_upload(upload: UploadFile, dest_dir: Path, limit: int) -> tuple[Path, int, str]:
-    """Copy the upload to a fresh file under `dest_dir` chunk by chunk; return (path, size, sha256)."""
+    """Copy the upload chunk by chunk to `<dest_dir>/<fresh folder>/<its own name, made safe>`, so that
+    every message about the file names it as the user did; return (path, size, sha256). The folder goes
+    when the request ends (UploadGuard), or with `discard_upload`."""
     dest_dir.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(Path(safe_filename(upload.filename, "upload")).suffixes[-2:])
-    fd, name = tempfile.mkstemp(dir=dest_dir, suffix=suffix)
-    path = Path(name)
+    folder = Path(tempfile.mkdtemp(dir=dest_dir, prefix="upload-"))
+    folders = _upload_dirs.get()
+    if folders is not None:
+        folders.append(folder)
+    path = folder / safe_filename(upload.filename, "upload")
     h, size = hashlib.sha256(), 0
     try:
-        with open(fd, "wb") as f:
+        with open(path, "xb") as f:
             while chunk := await upload.read(CHUNK):
                 size += len(chunk)
                 if size > limit:
@@ -98,12 +128,17 @@ async def save_upload(upload: UploadFile, dest_dir: Path, limit: int) -> tuple[P
                 h.update(chunk)
                 await run_in_threadpool(f.write, chunk)
     except BaseException:
-        path.unlink(missing_ok=True)
+        discard_upload(path)
         raise
     if size == 0:
-        path.unlink(missing_ok=True)
+        discard_upload(path)
         raise ApiError(422, "empty_file", "the uploaded file is empty", "file")
     return path, size, h.hexdigest()
+
+
+def discard_upload(path: Path) -> None:
+    """Remove a file from save_upload and its folder."""
+    shutil.rmtree(path.parent, ignore_errors=True)
 
 
 # The engine names fields as in a job spec; an upload's form fields are named differently.
@@ -112,16 +147,35 @@ FORM_FIELDS = {"teacher.arch": "arch", "teacher.num_classes": "num_classes", "te
 
 
 def inspect_in_child(kind: str, args: dict[str, Any], timeout: float,
-                     fields: dict[str, str] | None = None) -> dict[str, Any]:
+                     fields: dict[str, str] | None = None, settings: Settings | None = None) -> dict[str, Any]:
     """Run `python -m worker.inspect` on an upload; a failure is the upload's 4xx, never our 500. `fields`
-    renames the engine's fields for this request, over FORM_FIELDS."""
+    renames the engine's fields for this request, over FORM_FIELDS.
+
+    The child confines itself (worker.sandbox) to reading the upload and writing a fresh folder beside it,
+    within the sandbox settings of `settings` (default: the environment's)."""
+    import signal
+
+    from app.settings import get_settings
+    from worker.sandbox import Config, inspect_policy, log_protections_once
+
+    settings = settings or get_settings()
+    log_protections_once(settings)
+    upload = Path(args["spec"]["path"] if kind == "teacher" else args["path"])
+    work = Path(tempfile.mkdtemp(prefix="inspect-", dir=upload.parent))
     try:
-        proc = subprocess.run([sys.executable, "-m", "worker.inspect", kind, json.dumps(args)],
-                              capture_output=True, text=True, timeout=timeout, check=False, env=child_env(),
-                              preexec_fn=die_with_parent)
+        policy = inspect_policy(Config.from_settings(settings), work, [upload], timeout)
+        command = [sys.executable, "-P", "-m", "worker.inspect", kind, json.dumps({**args, "workdir": str(work)}),
+                   "--sandbox", policy.to_json()]  # -P: nothing in the child's folder is ever imported
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False, env=child_env(),
+                              cwd=str(work))
     except subprocess.TimeoutExpired:
         raise ApiError(422, f"{kind}_inspection_timeout", f"inspecting the {kind} took longer than {timeout:.0f} s; "
                        "it is too large or too slow to load") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if proc.returncode == -signal.SIGXCPU:
+        raise ApiError(422, f"{kind}_inspection_timeout", f"inspecting the {kind} used more than its "
+                       f"{policy.cpu_seconds} CPU seconds; it is too large or too slow to load")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
         tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
@@ -130,6 +184,8 @@ def inspect_in_child(kind: str, args: dict[str, Any], timeout: float,
     result = json.loads(lines[-1])
     if not result.pop("ok", False):
         code = result.get("code", f"invalid_{kind}")
+        if code == "sandbox_failed":  # this server's fault, not the upload's
+            raise ApiError(503, code, result.get("message", "the upload could not be inspected in a sandbox"))
         field = result.get("field")
         names = {**FORM_FIELDS, **(fields or {})}
         raise ApiError(STATUS_BY_CODE.get(code, 422), code, result.get("message", "invalid upload"),

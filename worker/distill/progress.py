@@ -48,6 +48,9 @@ class EpochMetrics:
     seconds: float
     samples_per_s: float
     best: bool = False
+    # sent again from a checkpoint on resume: a caller that missed it (its process died before recording it)
+    # can fill the gap; one that has it already ignores it
+    replayed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,7 +15,7 @@ from torch import nn
 
 from .errors import StudentError, TeacherError
 from .spec import InputSpec, TeacherSpec
-from .statedict import is_safetensors, is_torchscript, load_state_dict_file
+from .statedict import is_safetensors, is_torchscript, library_detail, load_state_dict_file
 
 ONNX_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
@@ -77,7 +77,8 @@ def load_teacher(spec: TeacherSpec, *, device: torch.device | str = "cpu", num_c
     """Load the teacher safely, put it in eval mode on `device`, and (by default) validate its output."""
     path = Path(spec.path)
     if not path.is_file():
-        raise TeacherError(f"teacher file {path} does not exist", code="file_not_found", field="teacher.path")
+        raise TeacherError(f"teacher file {path.name} does not exist", code="file_not_found",
+                           field="teacher.path")
     fmt = spec.format or detect_format(path)
     device = torch.device(device)
     if fmt in ("safetensors", "state_dict"):
@@ -183,8 +184,11 @@ def _load_torchscript_teacher(path: Path, spec: TeacherSpec, device: torch.devic
     try:
         module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except (RuntimeError, ValueError) as e:
-        raise TeacherError(f"teacher {path.name} is not a loadable TorchScript archive: "
-                           f"{str(e).splitlines()[0]}", code="unreadable_teacher") from None
+        detail = library_detail(e)
+        raise TeacherError(f"teacher {path.name} is not a loadable TorchScript archive"
+                           f"{f' ({detail})' if detail else ''}: it is truncated, damaged or needs operators "
+                           "this PyTorch lacks; save it again with torch.jit.save, or export ONNX",
+                           code="unreadable_teacher") from None
     module.eval()
     probe = _probe_output(module, spec.input, device)
     return LoadedTeacher("torchscript", None, int(probe.shape[1]), spec.input, module, module=module,
@@ -197,9 +201,10 @@ def _load_onnx_teacher(path: Path, spec: TeacherSpec, device: torch.device) -> L
 
     try:
         proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # onnx raises DecodeError and friends from protobuf
+    except Exception:  # onnx raises DecodeError and friends from protobuf
         raise TeacherError(f"teacher {path.name} is not a readable ONNX model, safetensors file or torch "
-                           f"checkpoint ({type(e).__name__})", code="unreadable_teacher") from None
+                           "checkpoint; check that the upload is complete, or export the model again",
+                           code="unreadable_teacher") from None
     # External data would make onnxruntime read files named inside an untrusted model.
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _onnx_tensors(proto.graph)):
         raise TeacherError(f"teacher {path.name} keeps weights in external data files; export it as one "
@@ -211,8 +216,9 @@ def _load_onnx_teacher(path: Path, spec: TeacherSpec, device: torch.device) -> L
     try:
         session = ort.InferenceSession(proto.SerializeToString(), providers=providers)
     except Exception as e:  # onnxruntime's own exception types are not importable in a stable way
-        raise TeacherError(f"onnxruntime cannot run teacher {path.name}: {str(e).splitlines()[0]}",
-                           code="unreadable_teacher") from None
+        detail = library_detail(e) or "the model is invalid or uses operators it does not support"
+        raise TeacherError(f"onnxruntime cannot run teacher {path.name} ({detail}); export it again, with an "
+                           "older opset if needed", code="unreadable_teacher") from None
     inp, out = session.get_inputs()[0], session.get_outputs()[0]
     np_dtype = ONNX_FLOAT_TYPES.get(inp.type)
     if np_dtype is None:
@@ -284,7 +290,7 @@ def _probe_output(module: Callable[[torch.Tensor], Any], spec: InputSpec, device
     except Exception as e:  # any failure of an arbitrary model on the declared input
         raise TeacherError(
             f"the teacher failed on a dummy batch of shape [2, {spec.channels}, {spec.size[0]}, {spec.size[1]}] "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check its input spec",
+            f"({library_detail(e) or type(e).__name__}); check its input spec",
             code="teacher_forward_failed", field="teacher.input") from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

@@ -6,7 +6,7 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +181,8 @@ def train(setup: TrainSetup, hp: Hyperparameters, callbacks: Callbacks | None = 
                      f"({setup.checkpoint_path.parent.name}/{setup.checkpoint_path.name}); delete it, or run with "
                      "--fresh, to start over", epoch=state.epoch)
     resumed_from = state.epoch
+    for past in state.history:
+        cb.epoch(replace(past, replayed=True))
 
     limiter = RateLimiter(setup.progress_interval)
     started = time.monotonic()

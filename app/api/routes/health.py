@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter
@@ -14,6 +15,7 @@ from app.db import engine_for
 from ..deps import SettingsDep
 
 router = APIRouter(tags=["health"])
+log = logging.getLogger("kdistill.api")
 
 
 @router.get("/healthz", summary="Liveness: the process answers")
@@ -23,16 +25,24 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz", summary="Readiness: the database and the broker are reachable")
 async def readyz(settings: SettingsDep) -> JSONResponse:
+    """Anyone may ask, so a failure is named by a code only (`database_unreachable`, `broker_unreachable`);
+    the error itself, which can carry host names, user names or paths, goes to the server's log."""
     checks: dict[str, Any] = {}
+    errors: list[dict[str, str]] = []
     for name, probe in (("database", _database), ("broker", _broker)):
         try:
             await run_in_threadpool(probe, settings)
             checks[name] = "ok"
-        except Exception as e:  # any failure means not ready; say which and why
-            checks[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-    ready = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
-                        status_code=200 if ready else 503)
+        except Exception:  # any failure means not ready; say which, and why only in the log
+            log.warning("readiness: the %s is unreachable", name, exc_info=True)
+            checks[name] = f"error: {name} unreachable"
+            errors.append({"code": f"{name}_unreachable", "message": f"the {name} is unreachable; the error "
+                           "is in the server's log"})
+    ready = not errors
+    body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "checks": checks}
+    if errors:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 def _database(settings: Any) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from ..spec import DataSpec
 from .imagefolder import FolderListing, decode_images, plan_images, scan_image_folder, verify_images
-from .npz import NpzArrays, read_npz, to_nchw
+from .npz import NpzArrays, inspect_npz, read_npz, to_nchw
 from .sizes import ensure_decoded_fits
 from .source import open_source
 from .split import carve_splits
@@ -124,14 +124,16 @@ def load_dataset(path: str | Path, spec: DataSpec, *, seed: int, target_size: tu
 
 
 def inspect_dataset(path: str | Path, spec: DataSpec, *, workdir: Path | None = None) -> DatasetInfo:
-    """Describe a dataset without keeping it: decodes every image once to prove it readable."""
+    """Describe a dataset without keeping it.
+
+    Image files are decoded once to prove them readable; `.npz` images are only described from their array
+    headers (their shapes, dtypes and sizes are checked, their pixels never loaded), and only labels are read."""
     with open_source(path, spec, workdir=workdir) as src:
         if src.format == "npz":
-            a = read_npz(src.path, max_files=spec.max_files, max_decoded_bytes=spec.max_decoded_bytes)
-            n_unl = 0 if a.x_unlabeled is None else len(a.x_unlabeled)
+            a = inspect_npz(src.path, max_files=spec.max_files, max_decoded_bytes=spec.max_decoded_bytes)
             plan = _plan(a.y, n_val=_len(a.y_val), n_test=_len(a.y_test), spec=spec, seed=0)
             return DatasetInfo(format="npz", classes=a.classes, num_classes=len(a.classes),
-                               num_train=len(plan.keep), num_val=plan.num_val, num_unlabeled=n_unl,
+                               num_train=len(plan.keep), num_val=plan.num_val, num_unlabeled=a.num_unlabeled,
                                channels=a.channels, image_size=a.image_size, val_source=plan.val_source,
                                num_test=plan.num_test, test_source=plan.test_source)
         listing = scan_image_folder(src.path)

@@ -175,8 +175,13 @@ def _rel(path: Path, root: Path) -> str:
         return path.name
 
 
+class _OverLimit(ValueError):
+    """Our own refusal of an image, whose text is safe to show."""
+
+
 def _unreadable(path: Path, root: Path, err: BaseException) -> DatasetError:
-    detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+    # Decoders' own texts name server paths (the unpack folder) and library internals; only ours is shown.
+    detail = str(err) if isinstance(err, _OverLimit) else "it is not a readable image, or it is truncated"
     return DatasetError(f"image {_rel(path, root)} cannot be read ({detail}); remove or replace the file",
                         code="unreadable_image")
 
@@ -189,7 +194,7 @@ def _open(path: Path, root: Path) -> Image.Image:
     w, h = img.size
     if w * h > MAX_PIXELS or w < 1 or h < 1:
         img.close()
-        raise _unreadable(path, root, ValueError(f"{w}x{h} pixels, the limit is {MAX_PIXELS} pixels"))
+        raise _unreadable(path, root, _OverLimit(f"{w}x{h} pixels, the limit is {MAX_PIXELS} pixels"))
     return img
 
 
