@@ -290,6 +290,9 @@ def test_state_dict_of_a_deeper_sibling_arch_is_a_weights_mismatch(resnet8_safet
     # resnet20 has the same widths but more blocks: missing keys, no shape conflicts.
     spec = TeacherSpec(path=str(resnet8_safetensors), arch="resnet20", input=grey8())
     assert code_of(spec) == "teacher_weights_mismatch"
+    with pytest.raises(TeacherError) as err:
+        load_teacher(spec, device="cpu")
+    assert err.value.field == "teacher.arch"
 
 
 def test_state_dict_of_a_different_family_is_a_weights_mismatch(resnet8_safetensors):
@@ -304,11 +307,15 @@ def test_state_dict_with_wrong_num_classes_is_a_weights_mismatch(resnet8_safeten
         load_teacher(spec, device="cpu")
     assert err.value.code == "teacher_weights_mismatch"
     assert "7 classes" in err.value.message
+    assert err.value.field == "teacher.num_classes"  # the head is what differs, not the architecture
 
 
 def test_state_dict_with_wrong_input_channels_is_a_weights_mismatch(resnet8_safetensors):
     spec = TeacherSpec(path=str(resnet8_safetensors), arch="resnet8", input=InputSpec(channels=3, size=8))
     assert code_of(spec) == "teacher_weights_mismatch"
+    with pytest.raises(TeacherError) as err:
+        load_teacher(spec, device="cpu")
+    assert err.value.field == "teacher.input.channels"
 
 
 def test_unknown_arch_is_unknown_architecture(resnet8_safetensors):

@@ -143,7 +143,8 @@ def discard_upload(path: Path) -> None:
 
 # The engine names fields as in a job spec; an upload's form fields are named differently.
 FORM_FIELDS = {"teacher.arch": "arch", "teacher.num_classes": "num_classes", "teacher.input": "input_size",
-               "teacher.path": "file", "teacher.format": "format", "teacher.classes": "classes"}
+               "teacher.path": "file", "teacher.format": "format", "teacher.classes": "classes",
+               "teacher.input.channels": "input_channels"}
 
 
 def inspect_in_child(kind: str, args: dict[str, Any], timeout: float,

@@ -96,6 +96,15 @@ def test_state_dict_without_arch_is_422_missing_arch(env: Env, state_dict_pt_fil
     assert_error(resp, 422, "missing_arch", "arch")
 
 
+@pytest.mark.parametrize(("wrong", "field"), [({"num_classes": "7"}, "num_classes"),
+                                             ({"input_channels": "3", "mean": "0.3", "std": "0.37"}, "input_channels"),
+                                             ({"arch": "resnet20"}, "arch")])
+def test_weights_that_do_not_fit_name_the_setting_at_fault(env: Env, state_dict_pt_file: bytes, wrong: dict,
+                                                           field: str) -> None:
+    resp = env.upload_teacher(state_dict_pt_file, "weights.pt", **{**TEACHER_FORM, **wrong})
+    assert_error(resp, 422, "teacher_weights_mismatch", field)
+
+
 def test_garbage_bytes_are_a_4xx_with_a_code(env: Env) -> None:
     resp = env.upload_teacher(b"\x00\x13garbage, not a model at all" * 50, "model.bin", **TEACHER_FORM)
     assert 400 <= resp.status_code < 500

@@ -146,7 +146,7 @@ def _load_state_dict_teacher(path: Path, spec: TeacherSpec, device: torch.device
         raise TeacherError(
             f"the weights do not fit architecture {spec.arch!r} with {num_classes} classes and "
             f"{spec.input.channels} input channels: " + _describe_mismatch(missing, unexpected, wrong_shape),
-            code="teacher_weights_mismatch", field="teacher.arch")
+            code="teacher_weights_mismatch", field=_mismatch_field(state, expected, build, missing or unexpected))
     model.load_state_dict(state)
     model.to(device).eval()
     names = None
@@ -157,6 +157,23 @@ def _load_state_dict_teacher(path: Path, spec: TeacherSpec, device: torch.device
             names = _embedded_classes((f.metadata() or {}).get("classes"), "safetensors metadata 'classes'")
     return LoadedTeacher("safetensors" if is_safetensors(path) else "state_dict", spec.arch, num_classes,
                          spec.input, model, module=model, classes=names)
+
+
+def _mismatch_field(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                    build: Callable[[int], nn.Module], other_keys: list[str]) -> str:
+    """Which setting the user got wrong: the architecture, unless only the classifier head differs (the
+    class count) or only the first layer's input depth (the input channels)."""
+    bad = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if other_keys or not bad:
+        return "teacher.arch"
+    two, three = build(2).state_dict(), build(3).state_dict()
+    if all(two[k].shape != three[k].shape for k in bad):
+        return "teacher.num_classes"
+    first = next(k for k, v in expected.items() if v.ndim == 4)  # the first convolution's weight
+    if bad == [first] and state[first].shape[0] == expected[first].shape[0] and \
+            state[first].shape[2:] == expected[first].shape[2:]:
+        return "teacher.input.channels"
+    return "teacher.arch"
 
 
 def _infer_num_classes(state: dict[str, torch.Tensor], build: Callable[[int], nn.Module]) -> int:
