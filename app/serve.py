@@ -35,8 +35,6 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from worker.sandbox import die_with_parent
-
 if TYPE_CHECKING:
     from app.settings import Settings
 
@@ -111,8 +109,9 @@ class WorkerProcess:
 
     def start(self) -> None:
         self.starts.append(time.monotonic())
-        self.proc = subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=die_with_parent)
+        # worker.with_parent makes the worker die with us, however we die
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker.with_parent", str(os.getpid()), *self.command],
+                                     env=self.env, stdin=subprocess.DEVNULL, start_new_session=True)
         log.info("worker started (pid %d): %s", self.proc.pid, " ".join(self.command[1:]))
 
     def exited(self) -> int | None:

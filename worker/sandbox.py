@@ -87,8 +87,8 @@ def make_undumpable() -> None:
 
 
 def die_with_parent() -> None:
-    """`preexec_fn`: the child gets SIGKILL when its parent dies, however it dies (Linux only). New code
-    calls it in the child instead (`enter` does), never as a preexec_fn of a process with threads."""
+    """This process gets SIGKILL when its parent dies, however it dies (Linux only). Children call it
+    themselves (`enter`, `python -m worker.with_parent`), never through a preexec_fn of a threaded parent."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
