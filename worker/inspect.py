@@ -72,8 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:  # an upload that breaks a library is still the upload's fault
         traceback.print_exc()
-        error = {"code": "unreadable_upload", "message": f"the file could not be read ({type(e).__name__}: {e})"}
-        out.write(json.dumps({"ok": False, **as_violation(confinement, error)}) + "\n")
+        raw = {"code": "unreadable_upload", "message": f"{type(e).__name__}: {e}"}
+        error = as_violation(confinement, raw)
+        if error is raw:  # the library's own text can name server paths and internals: it went to the log
+            error = {"code": "unreadable_upload", "message": f"the file could not be read ({type(e).__name__}); it "
+                     "is damaged or not in a supported format"}
+        out.write(json.dumps({"ok": False, **error}) + "\n")
         return 2
 
 
