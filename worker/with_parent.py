@@ -1,8 +1,8 @@
 """`python -m worker.with_parent PARENT_PID PROGRAM [ARGS...]`: run PROGRAM so that it dies with PARENT_PID.
 
 PR_SET_PDEATHSIG survives exec, so it is set here and the program is exec'd in this process's place. That
-gives a launcher's children the same guarantee as `preexec_fn=die_with_parent`, without a preexec_fn
-(which can deadlock between fork and exec in a parent that has threads).
+gives a launcher's children the die-with-parent guarantee without running Python between fork and exec in
+the parent (a pre-exec hook, which can deadlock in a parent that has threads).
 """
 
 from __future__ import annotations
