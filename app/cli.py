@@ -204,6 +204,30 @@ def worker(
     raise typer.Exit(run_workers(plans, loglevel))
 
 
+@cli.command("worker-health")
+def worker_health(
+    max_age: float = typer.Option(60.0, help="seconds since a worker's last heartbeat before it counts as dead"),
+) -> None:
+    """Exit 0 when every kdistill worker process of this host beat within MAX_AGE seconds (busy or idle):
+    the container health check. It reads the heartbeat files in the data folder, not the broker or the
+    database, so a worker busy with a job, or a database outage, does not make it fail."""
+    import socket
+    import time
+
+    from app.settings import get_settings
+
+    folder = get_settings().data_dir / "workers"
+    host = socket.gethostname()
+    beats = {p.name.removesuffix(".alive"): time.time() - p.stat().st_mtime
+             for p in folder.glob(f"*@{host}.alive")} if folder.is_dir() else {}
+    if not beats:
+        console.print(f"no kdistill worker of host {host} has started (no heartbeat in {folder})")
+        raise typer.Exit(1)
+    for node, age in sorted(beats.items()):
+        console.print(f"{node}: last heartbeat {age:.0f} s ago" + ("" if age <= max_age else " (too old)"))
+    raise typer.Exit(0 if max(beats.values()) <= max_age else 1)
+
+
 @keys_cli.command("create")
 def keys_create(
     tenant: str = typer.Option(..., help="the tenant the key acts for (created if new)"),

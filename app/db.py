@@ -7,6 +7,8 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -25,7 +27,17 @@ def make_engine(url: str) -> Engine:
 
         return engine
     # One connection per request thread at most: the API's thread pool (40) stays under the pool's bound.
-    return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=30, pool_timeout=10)
+    # An unreachable server must fail fast (connect_timeout, TCP keepalives) so that callers can answer 503
+    # or retry, rather than hang on a half-open connection.
+    connect_args = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                    "keepalives_count": 3} if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=30, pool_timeout=10,
+                         connect_args=connect_args)
+
+
+def database_unreachable(e: BaseException) -> bool:
+    """True for an error that means the database could not be reached (retry later), not a bug."""
+    return isinstance(e, OperationalError | PoolTimeout) or (isinstance(e, DBAPIError) and e.connection_invalidated)
 
 
 @lru_cache

@@ -1,4 +1,4 @@
-"""Job records: creation checks, serialisation, events and state changes shared by the API and workers."""
+"""Job records: request hashing, events, warnings and the API's view of a job (how a job moves is app.lifecycle)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import json
 import logging
 from typing import Any
 
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from worker.distill.spec import Hyperparameters
 
-from .models import Job, JobEvent, utcnow
+from .models import Job, JobEvent
 
 log = logging.getLogger("kdistill.jobs")
 
@@ -39,23 +38,6 @@ def add_warning(job: Job, code: str, message: str) -> bool:
 
 def add_event(session: Session, job_id: str, kind: str, message: str, **data: Any) -> None:
     session.add(JobEvent(job_id=job_id, kind=kind, message=message, data=data))
-
-
-def set_status(session: Session, job: Job, status: str, message: str, **fields: Any) -> None:
-    job.status = status
-    for k, v in fields.items():
-        setattr(job, k, v)
-    add_event(session, job.id, "status", message, status=status)
-
-
-def cancel_queued(session: Session, job_id: str) -> bool:
-    """Atomically cancel a job that no worker has claimed yet; False when it is no longer queued."""
-    now = utcnow()
-    done = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
-        status="cancelled", cancel_requested=True, finished_at=now, phase=None)).rowcount
-    if done:
-        add_event(session, job_id, "status", "cancelled before it started", status="cancelled")
-    return bool(done)
 
 
 def job_view(job: Job) -> dict[str, Any]:

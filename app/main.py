@@ -12,20 +12,19 @@ from starlette.concurrency import run_in_threadpool
 
 from worker.sandbox import log_protections_once, make_undumpable
 
+from . import lifecycle
 from .api.errors import install_error_handlers
 from .api.guard import RequestGuard
 from .api.metrics import install_metrics
 from .api.routes import datasets, health, jobs, teachers
 from .api.schemas import ERROR_RESPONSES
-from .api.uploads import UploadGuard
+from .api.uploads import UploadGuard, remove_orphaned_uploads
 from .db import session_scope
 from .logs import setup_logging
-from .queue import requeue_pending
 from .settings import Settings, get_settings
 from .storage import S3Store, get_store
 
 log = logging.getLogger("kdistill.api")
-SWEEP_SECONDS = 60.0
 
 DESCRIPTION = """Distill small, fast student models from large teachers.
 
@@ -61,6 +60,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    removed = await run_in_threadpool(remove_orphaned_uploads, settings.tmp_dir)
+    if removed:
+        log.info("removed %d upload folder(s) left by a server that stopped mid-upload", removed)
     store = get_store(settings)
     if isinstance(store, S3Store):
         await run_in_threadpool(store.ensure_bucket)
@@ -72,17 +74,17 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 async def _sweep(settings: Settings) -> None:
-    """The database is the truth: jobs whose message never reached the broker are sent again."""
+    """The database is the truth: app.lifecycle's recovery rules, every sweep_interval."""
     while True:
-        await asyncio.sleep(SWEEP_SECONDS)
+        await asyncio.sleep(settings.sweep_interval)
         try:
-            def sweep() -> int:
+            def sweep() -> lifecycle.Swept:
                 with session_scope(settings.resolved_database_url) as s:
-                    return requeue_pending(s, settings)
-            if n := await run_in_threadpool(sweep):
-                log.info("re-sent %d queued job(s) to the broker", n)
-        except Exception:  # the sweep retries next minute; the API keeps serving
-            log.exception("requeue sweep failed")
+                    return lifecycle.sweep(s, settings)
+            if swept := await run_in_threadpool(sweep):
+                log.info("sweep: sent %d job(s) again, ended %d", len(swept.sent), len(swept.ended))
+        except Exception:  # the sweep retries next time; the API keeps serving
+            log.warning("the sweep failed; it runs again in %.0f s", settings.sweep_interval, exc_info=True)
 
 
 def app_factory() -> FastAPI:

@@ -151,6 +151,9 @@ class WorkerRecord(Base):
     device: Mapped[str] = mapped_column(String(200), default="")
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # what it runs now (None: idle since idle_since): how the sweep tells a lost message from a busy queue
+    current_job_id: Mapped[str | None] = mapped_column(String(40), default=None)
+    idle_since: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class JobEvent(Base):

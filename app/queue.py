@@ -1,15 +1,12 @@
-"""Handing job ids to the broker. The database stays the truth: an id that fails to reach the broker is
-sent again later by `requeue_pending`."""
+"""Handing job ids to the broker, and picking a job's queue. The broker only carries ids: when one fails to
+arrive, app.lifecycle's sweep sends it again."""
 
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 
-from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from .models import Job, utcnow
 from .settings import Settings
 
 log = logging.getLogger("kdistill.queue")
@@ -39,27 +36,3 @@ def default_queue(session: Session, settings: Settings) -> str:
         if queue in live:
             return queue
     return settings.default_queue
-
-
-def requeue_pending(session: Session, settings: Settings, older_than: float = 30.0) -> int:
-    """Send again the queued jobs whose message never reached the broker, and the running jobs whose
-    worker went silent (a broker that does not redeliver, such as the filesystem transport, would
-    otherwise strand them); a worker claims such a job only once its heartbeat is stale."""
-    now = utcnow()
-    cutoff = now - timedelta(seconds=older_than)
-    stale = now - timedelta(seconds=settings.stale_after)
-    # never sent, or sent so long ago that the broker may have lost it (a Redis restart without its
-    # append-only file); a duplicate message is harmless, the claim lets only one through
-    resend = now - timedelta(seconds=settings.requeue_after)
-    lost = select(Job).where(Job.status == "queued", Job.created_at < cutoff,
-                             or_(Job.enqueued_at.is_(None), Job.enqueued_at < resend))
-    # enqueued_at < heartbeat_at: not sent again since the worker last showed life, so one message each time
-    silent = select(Job).where(Job.status == "running", Job.heartbeat_at < stale,
-                               or_(Job.enqueued_at.is_(None), Job.enqueued_at < Job.heartbeat_at))
-    jobs = [*session.scalars(lost).all(), *session.scalars(silent).all()]
-    sent = 0
-    for job in jobs:
-        if enqueue(settings, job.id, job.queue):
-            job.enqueued_at = utcnow()
-            sent += 1
-    return sent

@@ -5,32 +5,28 @@ worker (a child process, `--pool=solo`), with SQLite in the data folder and Cele
 transport unless KDISTILL_DATABASE_URL / KDISTILL_BROKER_URL say otherwise. The API and the worker see the
 same settings: this process passes them on as KDISTILL_* environment variables.
 
-The main thread owns the worker: it restarts a worker that dies (a few times), and on SIGINT or SIGTERM
-stops the API and the worker: SIGTERM (Celery's warm shutdown: an idle worker is gone in seconds), then,
-if a job still keeps it busy after WARM_STOP seconds, SIGKILL of its process group. (Celery's cold shutdown,
-SIGQUIT, is no use here: with `--pool=solo` it raises inside the running task, which then ends the job as
-failed.) The worker is in its own session, so a terminal's Ctrl-C reaches only this process, and it is
-killed if this process dies without cleaning up (PR_SET_PDEATHSIG); the worker's training process dies with
-the worker (the supervisor sets the same on it).
+The main thread owns the worker (app.workers.WorkerProcess, as `kdistill worker` does): it restarts a
+worker that dies (a few times), and on SIGINT or SIGTERM stops the API and the worker: SIGTERM (Celery's
+warm shutdown: an idle worker is gone in seconds), then, if a job still keeps it busy after WARM_STOP
+seconds, SIGKILL of its process group. The worker is in its own session, so a terminal's Ctrl-C reaches
+only this process, and it is killed if this process dies, however it dies (PR_SET_PDEATHSIG); the
+worker's training process dies with the worker in turn.
 
-A job that was running when its worker was stopped this way stays `running` in the database with a heartbeat
-that goes stale; at its next start serve sends such jobs of its own worker to the broker again, due once the
-heartbeat is stale, and the supervisor then takes the job over and resumes it from its last checkpoint.
+A job that was running when the worker stopped this way stays `running` in the database. The worker is
+known dead when serve restarts it or starts again on the same folder, so its leases are expired at once
+(app.lifecycle.abandon): the job resumes from its last checkpoint right away.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -39,10 +35,6 @@ if TYPE_CHECKING:
     from app.settings import Settings
 
 log = logging.getLogger("kdistill.serve")
-
-WORKER_RESTARTS = 3  # restarts allowed within RESTART_WINDOW seconds before serve gives up
-RESTART_WINDOW = 120.0
-WARM_STOP = 10.0  # seconds for Celery's warm shutdown before SIGKILL (a running job does not end by itself)
 
 
 class ServeError(Exception):
@@ -82,12 +74,6 @@ def worker_name() -> str:
     return f"kdistill@{socket.gethostname()}"
 
 
-def worker_command(queue: str, pidfile: Path, log_level: str = "info") -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=solo", "--concurrency=1",
-            "-Q", queue, f"--loglevel={log_level.upper()}", "--hostname", worker_name(), "--pidfile", str(pidfile),
-            "--without-gossip", "--without-mingle", "--without-heartbeat"]
-
-
 def _running_pid(pidfile: Path) -> int | None:
     """The pid in a worker pidfile if that process still runs a celery worker."""
     try:
@@ -96,59 +82,6 @@ def _running_pid(pidfile: Path) -> int | None:
     except (OSError, ValueError):
         return None
     return pid if b"celery" in cmdline else None
-
-
-@dataclass
-class WorkerProcess:
-    """The one local Celery worker: started, watched, restarted and stopped by serve's main thread."""
-
-    command: list[str]
-    env: dict[str, str]
-    proc: subprocess.Popen[bytes] | None = None
-    starts: list[float] = field(default_factory=list)
-
-    def start(self) -> None:
-        self.starts.append(time.monotonic())
-        # worker.with_parent makes the worker die with us, however we die
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker.with_parent", str(os.getpid()), *self.command],
-                                     env=self.env, stdin=subprocess.DEVNULL, start_new_session=True)
-        log.info("worker started (pid %d): %s", self.proc.pid, " ".join(self.command[1:]))
-
-    def exited(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
-
-    def may_restart(self) -> bool:
-        now = time.monotonic()
-        return len([t for t in self.starts if now - t < RESTART_WINDOW]) <= WORKER_RESTARTS
-
-    def stop(self, warm: float = WARM_STOP) -> None:
-        """Warm shutdown; SIGKILL of its process group if a job still keeps it busy after `warm` seconds."""
-        proc = self.proc
-        if proc is None:
-            return
-        for sig, wait in ((signal.SIGTERM, warm), (signal.SIGKILL, 5.0)):
-            if proc.poll() is not None:
-                break
-            if sig == signal.SIGKILL and warm > 0:
-                log.warning("the worker is still busy after %.0f s; killing it. A running job resumes from its "
-                            "last checkpoint at the next `kdistill serve`", warm)
-            self._signal(sig)
-            try:
-                proc.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-            except KeyboardInterrupt:  # a second Ctrl-C: stop now
-                self._signal(signal.SIGKILL)
-                proc.wait(timeout=5)
-                break
-        # Anything it left in its process group (it should have left nothing).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-    def _signal(self, sig: int) -> None:
-        assert self.proc is not None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, sig)
 
 
 class _Stop:
@@ -187,12 +120,13 @@ def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: Path = Path("kdis
 def _serve(stop: _Stop, host: str, port: int, data_dir: Path, auth: bool | None, log_level: str) -> int:
     import uvicorn
 
+    from app import lifecycle
     from app.db import session_scope
     from app.logs import setup_logging
     from app.main import create_app
     from app.migrate import upgrade
-    from app.queue import requeue_pending
     from app.settings import Settings, get_settings
+    from app.workers import RESTART_WINDOW, RESTARTS, WARM_STOP, WorkerProcess, celery_command, release_jobs_of
 
     data_dir = data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -217,7 +151,10 @@ def _serve(stop: _Stop, host: str, port: int, data_dir: Path, auth: bool | None,
     upgrade(db_url)
 
     config = uvicorn.Config(create_app(settings), host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=5, server_header=False)
+                            timeout_graceful_shutdown=5, server_header=False,
+                            # longer than clients keep idle connections (httpx: 5 s), so a request never
+                            # crosses the server's close of a connection it is reusing
+                            timeout_keep_alive=75)
     try:
         sock = config.bind_socket()
     except SystemExit:
@@ -230,17 +167,19 @@ def _serve(stop: _Stop, host: str, port: int, data_dir: Path, auth: bool | None,
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     _banner(url, data_dir, settings, auth_mode, host, queue, db_url)
 
-    worker = WorkerProcess(worker_command(queue, pidfile, log_level), env=dict(os.environ))
+    worker = WorkerProcess(worker_name(), celery_command(worker_name(), [queue], log_level, pidfile, events=False),
+                           env=dict(os.environ))
     api = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="api", daemon=True)
     status = 0
     try:
         worker.start()
-        with session_scope(db_url) as s:
-            if (n := requeue_pending(s, settings, older_than=0)):
-                _say(f"kdistill: {n} queued job(s) had never reached the broker; sent them again")
-        if (n := resume_interrupted(settings)):
+        # No worker of ours runs (the pidfile said so): the jobs it held when it stopped resume now.
+        if (n := len(release_jobs_of(worker_name()))):
             _say(f"kdistill: {n} job(s) were running when the worker last stopped; they resume from their last "
-                 f"checkpoint within {settings.stale_after:.0f} s")
+                 "checkpoint")
+        with session_scope(db_url) as s:
+            if (n := len(lifecycle.sweep(s, settings, never_sent_grace=0).sent)):
+                _say(f"kdistill: {n} queued job(s) had not reached the broker; sent them again")
         api.start()
         while not stop.event.wait(0.5):
             if not api.is_alive():
@@ -250,14 +189,14 @@ def _serve(stop: _Stop, host: str, port: int, data_dir: Path, auth: bool | None,
             code = worker.exited()
             if code is not None:
                 if not worker.may_restart():
-                    _say(f"kdistill: the worker exited with status {code} {WORKER_RESTARTS + 1} times in "
+                    _say(f"kdistill: the worker exited with status {code} {RESTARTS + 1} times in "
                          f"{RESTART_WINDOW:.0f} s; shutting down (see its log above)")
                     status = 1
                     break
                 _say(f"kdistill: the worker exited with status {code}; restarting it")
                 time.sleep(1.0)
                 worker.start()
-                resume_interrupted(settings)  # the job it was running, if any
+                release_jobs_of(worker_name())  # the job it was running, if any
     except KeyboardInterrupt:
         pass
     finally:
@@ -271,29 +210,6 @@ def _serve(stop: _Stop, host: str, port: int, data_dir: Path, auth: bool | None,
         sock.close()
         _say("kdistill: stopped")
     return status
-
-
-def resume_interrupted(settings: Settings) -> int:
-    """Send again the jobs left `running` by this machine's local worker (killed, or stopped by force):
-    each message is due when the job's heartbeat is stale, so that the supervisor's claim takes it over."""
-    from sqlalchemy import select
-
-    from app.db import session_scope
-    from app.models import Job, utcnow
-    from app.queue import TASK_NAME
-    from worker.celery_app import get_celery
-
-    with session_scope(settings.resolved_database_url) as s:
-        jobs = [(j.id, j.queue, j.heartbeat_at) for j in s.scalars(
-            select(Job).where(Job.status == "running", Job.worker == worker_name()))]
-    now = utcnow()
-    for job_id, queue, beat in jobs:
-        due = 1.0 if beat is None else max(1.0, (beat - now).total_seconds() + settings.stale_after + 1.0)
-        try:
-            get_celery(settings).send_task(TASK_NAME, args=[job_id], queue=queue, countdown=due)
-        except Exception:  # the broker is down: the next start tries again
-            log.exception("could not send interrupted job %s again", job_id)
-    return len(jobs)
 
 
 def _banner(url: str, data_dir: Path, settings: Settings, auth_mode: str, host: str, queue: str, db_url: str) -> None:

@@ -65,10 +65,15 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(3, ge=1)
     progress_interval: float = Field(1.0, ge=0)
     heartbeat_interval: float = Field(5.0, gt=0)
-    stale_after: float = Field(60.0, gt=0)  # a running job silent this long is taken over by another worker
+    # A running job whose heartbeat is this old has lost its lease, and a queued job sent this long ago while
+    # a worker of its queue sat idle has lost its message: the sweep, every sweep_interval, sends either
+    # again (app.lifecycle). Together they bound recovery: 2 minutes by default.
+    stale_after: float = Field(60.0, gt=0)
+    sweep_interval: float = Field(60.0, gt=0)
     cancel_grace: float = Field(15.0, ge=0)
-    visibility_timeout: int = Field(3 * 24 * 3600, gt=0)  # longer than the longest job (Redis broker)
-    requeue_after: float = Field(6 * 3600.0, gt=0)  # a job queued this long is sent to the broker again
+    # Redis hands an unacknowledged message out again after this; recovery does not wait for it (the sweep
+    # does it sooner), so it only has to outlast the longest job, or a running job would get a duplicate.
+    visibility_timeout: int = Field(3 * 24 * 3600, gt=0)
 
     @property
     def resolved_database_url(self) -> str:

@@ -105,8 +105,7 @@ def test_artifact_names_from_the_child_cannot_choose_a_store_key(deployment):
     (sup.job_dir / "out" / "evil").write_bytes(b"x")
     forged = {"artifacts": [{"name": "../../teachers/tch_1/t.safetensors", "format": "onnx", "sha256": "0"}],
               "metrics": {}}
-    with session_scope(deployment.resolved_database_url) as s:
-        sup._store_artifacts(s, s.get(Job, "job_1"), forged)
+    sup._succeed(forged)
     done = job(deployment)
     assert done["status"] == "failed" and done["error"]["code"] == "artifact_rejected"
     assert (deployment.store_dir / "teachers/tch_1/t.safetensors").read_bytes() != b"x"
@@ -180,8 +179,7 @@ def test_a_succeeded_job_takes_the_warnings_of_the_result(deployment):
     result = {"artifacts": [], "metrics": {"student_accuracy": 0.5}, "warnings": [
         {"code": "teacher_not_predictive", "message": "near chance"},
         {"code": "small_test_split", "message": "12 test samples: wide intervals"}]}
-    with session_scope(deployment.resolved_database_url) as s:
-        sup._store_artifacts(s, s.get(Job, "job_1"), result)
+    sup._succeed(result)
     done = job(deployment)
     assert done["status"] == "succeeded"
     assert done["warnings"] == result["warnings"]
@@ -201,3 +199,26 @@ def test_a_teacher_near_chance_only_warns_with_checks_warn(deployment):
     with session_scope(deployment.resolved_database_url) as s:
         events = s.query(JobEvent).filter(JobEvent.job_id == "job_1", JobEvent.kind == "warning").all()
         assert any(e.data.get("code") == "teacher_not_predictive" for e in events)
+
+
+def test_a_copy_whose_lease_was_taken_over_publishes_no_artifact_even_under_the_same_worker_name(deployment):
+    stale = Supervisor(deployment, "job_1", "worker-a")
+    assert stale.claim()
+    with session_scope(deployment.resolved_database_url) as s:  # silent past STALE_AFTER (a long outage, say)
+        s.get(Job, "job_1").heartbeat_at = None
+    fresh = Supervisor(deployment, "job_1", "worker-a")  # the same worker, restarted
+    assert fresh.claim() and fresh.lease.attempt == 2
+    (stale.job_dir / "out").mkdir(parents=True)
+    (stale.job_dir / "out" / "metadata.json").write_text("{}")
+    result = {"artifacts": [{"name": "metadata.json", "format": "json",
+                             "sha256": sha256_of(stale.job_dir / "out" / "metadata.json")}], "metrics": {"x": 1}}
+    stale._succeed(result)
+    after = job(deployment)
+    assert (after["status"], after["attempts"], after["artifacts"], after["metrics"]) == ("running", 2, [], {})
+    assert not (deployment.store_dir / "jobs" / "job_1" / "1").exists(), "the stale copy's uploads are removed"
+    fresh._succeed(result)
+    done = job(deployment)
+    assert done["status"] == "succeeded" and [a["name"] for a in done["artifacts"]] == ["metadata.json"]
+    with session_scope(deployment.resolved_database_url) as s:
+        events = [e.message for e in s.query(JobEvent).filter(JobEvent.job_id == "job_1", JobEvent.kind == "status")]
+    assert events.count("succeeded") == 1

@@ -1,4 +1,4 @@
-"""The Celery app: settings for long GPU jobs (one at a time, acknowledged late, redelivered if lost)."""
+"""The Celery app: settings for long GPU jobs (one at a time, acknowledged when it ends)."""
 
 from __future__ import annotations
 
@@ -36,11 +36,12 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options=options,
         broker_connection_retry_on_startup=True,
         task_default_queue=settings.default_queue,
-        task_acks_late=True,  # the message stays with the broker until the job has ended
-        task_reject_on_worker_lost=True,  # a worker that dies gives its job back
-        # a task that fails (the database briefly down during the claim, say) leaves its message for another
-        # delivery instead of dropping the job; the claim's attempt counter stops endless loops
-        task_acks_on_failure_or_timeout=False,
+        # The message stays with the broker until the job has ended, and a task that fails is acknowledged:
+        # recovery does not rest on redelivery, which the solo pool and the Redis transport do not give
+        # reliably (a lost worker's message waits for the visibility timeout, a failed one is dropped). The
+        # database does it: app.lifecycle's sweep sends a lost job again within STALE_AFTER + SWEEP_INTERVAL.
+        task_acks_late=True,
+        task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,  # one job per worker process (per GPU), none held in reserve
         worker_max_tasks_per_child=1000,
         task_ignore_result=True,  # the database holds every result

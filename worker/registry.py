@@ -1,12 +1,19 @@
-"""Workers announce themselves in the database (name, queues, device) and keep a heartbeat there, so the
-API can route a job to the gpu queue only when some GPU worker is alive."""
+"""Workers announce themselves in the database (name, queues, device, the job they run or since when they
+are idle) and keep a heartbeat there: the API routes a job to the gpu queue only when some GPU worker is
+alive, and the sweep (app.lifecycle, rule R2) tells a lost message from a busy queue.
+
+The same thread touches a file per worker (`<data dir>/workers/<name>.alive`), which `kdistill
+worker-health` reads: a busy worker (the solo pool cannot answer `inspect ping` while a job runs) is
+healthy, and a database outage does not make every worker unhealthy."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import threading
-from datetime import timedelta
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
@@ -19,9 +26,32 @@ from app.settings import Settings, get_settings
 from worker.sandbox import log_protections_once, make_undumpable
 
 log = logging.getLogger("kdistill.worker")
-HEARTBEAT_SECONDS = 20.0
-ALIVE_SECONDS = 90.0
+HEARTBEAT_SECONDS = 10.0
+ALIVE_SECONDS = 60.0  # a worker whose last beat is older is not counted (routing, rule R2, health)
 _stop = threading.Event()
+
+
+@dataclass
+class _Activity:
+    job_id: str | None = None
+    idle_since: datetime | None = field(default_factory=utcnow)
+
+
+_activity = _Activity()
+
+
+def running(job_id: str) -> None:
+    """This worker process now runs `job_id` (the supervisor says so once it holds the job's lease)."""
+    _activity.job_id, _activity.idle_since = job_id, None
+
+
+def finished() -> None:
+    """This worker process runs nothing from now on."""
+    _activity.job_id, _activity.idle_since = None, utcnow()
+
+
+def alive_file(settings: Settings, name: str) -> Path:
+    return settings.data_dir / "workers" / f"{name}.alive"
 
 
 def describe_device() -> str:
@@ -36,9 +66,11 @@ def register(settings: Settings, name: str, queues: list[str], device: str) -> N
     with session_scope(settings.resolved_database_url) as s:
         row = s.get(WorkerRecord, name)
         if row is None:
-            s.add(WorkerRecord(name=name, queues=queues, device=device))
+            s.add(WorkerRecord(name=name, queues=queues, device=device, current_job_id=_activity.job_id,
+                               idle_since=_activity.idle_since))
         else:
             row.queues, row.device, row.started_at, row.heartbeat_at = queues, device, utcnow(), utcnow()
+            row.current_job_id, row.idle_since = _activity.job_id, _activity.idle_since
 
 
 def beat(settings: Settings, name: str) -> None:
@@ -46,6 +78,13 @@ def beat(settings: Settings, name: str) -> None:
         row = s.get(WorkerRecord, name)
         if row is not None:
             row.heartbeat_at = utcnow()
+            row.current_job_id, row.idle_since = _activity.job_id, _activity.idle_since
+
+
+def touch_alive(settings: Settings, name: str) -> None:
+    path = alive_file(settings, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
 
 
 def unregister(settings: Settings, name: str) -> None:
@@ -70,17 +109,27 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     settings, name = _settings_of(sender), sender.hostname
     log_protections_once(settings)  # what the sandbox of this worker's children can enforce on this host
     queues = sorted(sender.app.amqp.queues.consume_from.keys())
-    try:
-        register(settings, name, queues, describe_device())
-    except Exception:  # the worker is still useful without the registry; say so and go on
-        log.exception("could not register worker %s", name)
-        return
-    log.info("worker %s serves queues %s", name, ", ".join(queues))
+    device = describe_device()
+    finished()
+    with contextlib.suppress(OSError):
+        touch_alive(settings, name)
 
     def loop() -> None:
-        while not _stop.wait(HEARTBEAT_SECONDS):
-            with contextlib.suppress(Exception):
-                beat(settings, name)
+        registered = False
+        while True:
+            with contextlib.suppress(OSError):
+                touch_alive(settings, name)
+            try:
+                if not registered:
+                    register(settings, name, queues, device)
+                    registered = True
+                    log.info("worker %s serves queues %s", name, ", ".join(queues))
+                else:
+                    beat(settings, name)
+            except Exception:  # the database may be down: the worker still works; beat again later
+                log.warning("worker %s: could not write its heartbeat to the database", name, exc_info=True)
+            if _stop.wait(HEARTBEAT_SECONDS):
+                return
 
     threading.Thread(target=loop, name="kdistill-registry", daemon=True).start()
 
@@ -88,5 +137,9 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
 @worker_shutdown.connect
 def _on_shutdown(sender: Any = None, **_: Any) -> None:
     _stop.set()
+    if sender is None:
+        return
+    settings = _settings_of(sender)
+    alive_file(settings, sender.hostname).unlink(missing_ok=True)
     with contextlib.suppress(Exception):
-        unregister(get_settings(), sender.hostname if sender is not None else "")
+        unregister(settings, sender.hostname)

@@ -1,8 +1,13 @@
 """The supervisor: claims a job, runs the engine in a child process, and mirrors it into the database.
 
 The child (`python -m worker.run`) gets file paths only, never database or store credentials; it runs in
-its own process group so cancel and timeout can stop everything it started, and it dies with us
-(PR_SET_PDEATHSIG) so a killed worker leaves no orphan training on the GPU.
+its own process group (start_new_session, no code between fork and exec) so cancel and timeout can stop
+everything it started, and it asks the kernel to kill it when we die (PR_SET_PDEATHSIG, in worker.sandbox),
+so a killed worker leaves no orphan training on the GPU.
+
+How the job moves is app.lifecycle's: the supervisor takes a lease with `claim`, renews it from a heartbeat
+thread, and every write it makes is fenced by that lease. Writes wait out a database outage in an outbox
+(worker.outbox) while training goes on; checkpoints go to the store before their epoch is recorded.
 """
 
 from __future__ import annotations
@@ -19,35 +24,49 @@ import sys
 import threading
 import time
 import traceback
-from datetime import timedelta
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from billiard.exceptions import Terminated
 from celery.exceptions import WorkerShutdown, WorkerTerminate
-from sqlalchemy import or_, select, update
-from sqlalchemy.exc import OperationalError
+from celery.worker import state as worker_state
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from app.db import session_scope
+from app import lifecycle
+from app.db import database_unreachable, session_scope
 from app.jobs import add_event, add_warning
-from app.models import Artifact, Dataset, Job, JobEvent, Teacher, utcnow
+from app.lifecycle import Lease
+from app.models import Artifact, Dataset, Job, JobEvent, Teacher
 from app.settings import Settings
 from app.storage import InputCorrupted, get_store, sha256_of, verified_local_path
+from worker import registry
 from worker.distill.export import FILE_NAMES
 from worker.distill.spec import Checks, DataSpec, InputSpec, JobSpec, StudentSpec, TeacherSpec
+from worker.outbox import RETRY_MAX, RETRY_MIN, LeaseLost, Outbox
 from worker.sandbox import Config, child_env, job_policy, log_protections_once
 
 log = logging.getLogger("kdistill.worker")
-# What Celery raises inside a task when the worker is shut down or terminated (the solo pool answers a
-# forced stop with NotImplementedError from kill_job).
-WORKER_STOPPING = (WorkerShutdown, WorkerTerminate, Terminated, SystemExit, KeyboardInterrupt, NotImplementedError)
+# What Celery raises inside a task when the worker is shut down or terminated.
+WORKER_STOPPING = (WorkerShutdown, WorkerTerminate, Terminated, SystemExit, KeyboardInterrupt)
 EXIT_CANCELLED = 3
 ARTIFACT_NAMES = frozenset({*FILE_NAMES.values(), "student.safetensors", "metadata.json"})
 KILL_WAIT = 10.0
+T = TypeVar("T")
+
+
+class ClaimDeferred(Exception):
+    """The database stayed unreachable while we tried to claim: the message goes back to the broker."""
+
+
+def worker_stopping() -> bool:
+    """True once Celery began to shut this worker down (what it raises then into a task varies by pool)."""
+    return bool(worker_state.should_stop or worker_state.should_terminate)
 
 
 class Supervisor:
-    """Runs one job to a final status; every step of the way is written to the job's record."""
+    """Runs one attempt of a job to a final status; every step of the way is written to the job's record."""
 
     def __init__(self, settings: Settings, job_id: str, worker: str) -> None:
         self.settings, self.job_id, self.worker = settings, job_id, worker
@@ -55,75 +74,71 @@ class Supervisor:
         self.url = settings.resolved_database_url
         self.job_dir = settings.jobs_dir.resolve() / job_id
         self.log = logging.LoggerAdapter(log, {"job_id": job_id, "worker": worker})
+        self.lease: Lease | None = None
+        self.outbox = Outbox(self.url, job_id)
 
-    # -- claiming -------------------------------------------------------------------------------------
+    # -- the database, outages included --------------------------------------------------------------
+    def _retrying(self, what: str, work: Callable[[Session], T], seconds: float = lifecycle.DB_RETRY_SECONDS) -> T:
+        """Run `work` in a transaction, retrying while the database is unreachable, for up to `seconds`."""
+        deadline, delay, said = time.monotonic() + seconds, RETRY_MIN, False
+        while True:
+            try:
+                with session_scope(self.url) as s:
+                    return work(s)
+            except Exception as e:
+                if not database_unreachable(e) or time.monotonic() + delay > deadline:
+                    raise
+                if not said:
+                    self.log.warning("job %s: the database is unreachable (%s); retrying", self.job_id, what)
+                    said = True
+            time.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+
     def claim(self) -> bool:
-        """Atomically move the job to running; False when it is not ours to run."""
-        now = utcnow()
-        stale = now - timedelta(seconds=self.settings.stale_after)
-        with session_scope(self.url) as s:
-            claimed = s.execute(
-                update(Job).where(
-                    Job.id == self.job_id, Job.attempts < self.settings.job_max_attempts,
-                    Job.cancel_requested.is_(False),
-                    or_(Job.status == "queued", (Job.status == "running") & (Job.heartbeat_at < stale)),
-                ).values(status="running", attempts=Job.attempts + 1, worker=self.worker, heartbeat_at=now,
-                         phase="loading", started_at=now).execution_options(synchronize_session=False)
-            ).rowcount
-            job = s.get(Job, self.job_id)
-            if job is None:
-                self.log.warning("job %s does not exist; message dropped", self.job_id)
-                return False
-            if claimed:
-                resumed = job.attempts > 1
-                add_event(s, job.id, "status", f"running on {self.worker} (attempt {job.attempts})"
-                          + ("; the previous worker was lost, resuming from its last checkpoint" if resumed else ""),
-                          status="running", worker=self.worker, attempt=job.attempts)
-                return True
-            if job.status in ("queued", "running") and job.attempts >= self.settings.job_max_attempts and (
-                    job.status == "queued" or job.heartbeat_at is None or job.heartbeat_at < stale):
-                self._finish(s, job, "failed", "too_many_attempts",
-                             f"the job was started {job.attempts} times and its worker was lost each time; "
-                             "check the workers' logs (out of memory?) before submitting it again")
-            elif job.status == "running" and job.cancel_requested and (job.heartbeat_at or now) < stale:
-                self._finish(s, job, "cancelled", None, None)
-            else:
-                self.log.info("job %s is %s (worker %s); redelivered message ignored", job.id, job.status, job.worker)
-            return False
+        """Take the job's lease (app.lifecycle.claim); False when it is not ours to run. Raises ClaimDeferred
+        when the database stayed unreachable."""
+        try:
+            self.lease = self._retrying("claim", lambda s: lifecycle.claim(s, self.settings, self.job_id,
+                                                                         self.worker))
+        except Exception as e:
+            if database_unreachable(e):
+                raise ClaimDeferred(str(e)) from e
+            raise
+        return self.lease is not None
 
     # -- running --------------------------------------------------------------------------------------
     def run(self) -> None:
         if not self.claim():
             return
+        registry.running(self.job_id)
         self.beat = _Heartbeat(self)
         self.beat.start()
         try:
             self._supervise()
+        except LeaseLost:
+            self.log.warning("job %s: another worker holds the job now; this copy stopped", self.job_id)
         except WORKER_STOPPING:
-            # The worker itself is going away: the job stays running, its heartbeat goes stale, and
-            # another delivery resumes it from its last checkpoint.
+            # The worker itself is going away: the job stays running, its lease goes stale, and the sweep
+            # sends it again to resume from its last checkpoint.
             self.log.warning("job %s: the worker is stopping; the job will resume elsewhere", self.job_id)
             raise
         except InputCorrupted as e:  # a teacher or dataset that is not what was uploaded: never train on it
             self.log.error("job %s: %s", self.job_id, e)
-            with session_scope(self.url) as s:
-                job = s.get(Job, self.job_id)
-                if job is not None and job.status == "running":
-                    self._finish(s, job, "failed", e.code, str(e))
+            self._end(lifecycle.FAILED, e.code, str(e))
         except Exception as e:  # the job must end in a final state whatever breaks here
+            if worker_stopping():
+                self.log.warning("job %s: the worker is stopping; the job will resume elsewhere", self.job_id)
+                raise
             self.log.exception("supervising job %s failed", self.job_id)
-            with session_scope(self.url) as s:
-                job = s.get(Job, self.job_id)
-                if job is not None and job.status == "running":
-                    add_event(s, job.id, "error", "the worker failed while supervising the job",
-                              traceback=traceback.format_exc())
-                    self._finish(s, job, "failed", "worker_error",
-                                 f"the worker failed while supervising the job ({type(e).__name__}); see its log")
+            self._end(lifecycle.FAILED, "worker_error", f"the worker failed while supervising the job "
+                      f"({type(e).__name__}); see its log", event=("the worker failed while supervising the job",
+                                                                   {"traceback": traceback.format_exc()}))
         finally:
             self.beat.stop()
             if self.proc is not None and self.proc.poll() is None:
                 # never leave training running on a GPU the next job will want
                 _stop_group(self.proc)
+            registry.finished()
 
     def _spec(self, job: Job, teacher: Teacher, dataset: Dataset) -> JobSpec:
         req = job.request
@@ -160,14 +175,18 @@ class Supervisor:
             allow_torchscript_teacher=self.settings.allow_torchscript,
         )
 
-    def _supervise(self) -> None:
-        with session_scope(self.url) as s:
+    def _load(self) -> tuple[JobSpec, float]:
+        def read(s: Session) -> tuple[JobSpec, float]:
             job = s.get(Job, self.job_id)
             assert job is not None
             spec = self._spec(job, s.get(Teacher, job.teacher_id), s.get(Dataset, job.dataset_id))
             # a request may ask for less time than the deployment allows, never for more
-            max_seconds = min(job.request.get("max_run_seconds") or self.settings.job_max_seconds,
-                              self.settings.job_max_seconds)
+            return spec, min(job.request.get("max_run_seconds") or self.settings.job_max_seconds,
+                             self.settings.job_max_seconds)
+        return self._retrying("reading the job", read)
+
+    def _supervise(self) -> None:
+        spec, max_seconds = self._load()
         out_dir = self.job_dir / "out"
         shutil.rmtree(out_dir, ignore_errors=True)  # a retried job starts its exports afresh
         self.job_dir.mkdir(parents=True, exist_ok=True)
@@ -209,8 +228,9 @@ class Supervisor:
             now = time.monotonic()
             if state.progress is not None and (state.progress_dirty and now - last_progress_write >=
                                                self.settings.progress_interval):
-                self._write_progress(state)
+                self._put_progress(state)
                 last_progress_write = now
+            self._flush(state)
             if self.beat.lost.is_set() and not state.lost:
                 self.log.warning("job %s: another worker holds the job now; stopping this copy", self.job_id)
                 state.lost = True
@@ -233,6 +253,12 @@ class Supervisor:
                     _kill_group(proc, state)
         self._conclude(proc.returncode, state, max_seconds)
 
+    def _flush(self, state: _ChildState) -> None:
+        try:
+            self.outbox.flush()
+        except LeaseLost:
+            state.lost = True
+
     def _handle_line(self, line: str, state: _ChildState) -> None:
         try:
             msg = json.loads(line)
@@ -242,82 +268,103 @@ class Supervisor:
         if msg.get("type") in ("result", "error"):
             state.result, state.error = (msg, None) if msg["type"] == "result" else (None, msg)
             return
-        try:
-            self._record(msg, state)
-        except OperationalError:  # a database hiccup must not end a training run; the next write catches up
-            self.log.exception("job %s: could not record a %s line", self.job_id, msg.get("type"))
-
-    def _ours(self) -> Any:
-        return (Job.id == self.job_id) & (Job.status == "running") & (Job.worker == self.worker)
+        self._record(msg, state)
+        self._flush(state)
 
     def _record(self, msg: dict[str, Any], state: _ChildState) -> None:
-        kind = msg.get("type")
+        kind, lease = msg.get("type"), self.lease
+        assert lease is not None
         if kind == "progress":
             state.progress, state.progress_dirty = msg, True
         elif kind == "phase":
-            with session_scope(self.url) as s:
-                s.execute(update(Job).where(self._ours()).values(phase=msg["phase"]))
+            self.outbox.put("phase", lambda s: lifecycle.update_held(s, lease, phase=msg["phase"]))
         elif kind == "epoch":
             state.progress_dirty = state.progress is not None
-            with session_scope(self.url) as s:
-                job = s.get(Job, self.job_id)
-                if job is None or job.worker != self.worker:
-                    return
-                data = {k: v for k, v in msg.items() if k not in ("type", "time")}
-                if data.pop("replayed", False):
-                    # an epoch of a checkpoint this job resumed from: record it only if the worker that ran
-                    # it died before it could (the child saves the checkpoint before we see the epoch line)
-                    if not self._has_epoch_event(s, data["run"], data["epoch"]):
-                        add_event(s, job.id, "epoch", f"{data['run']} epoch {data['epoch']}/{data['epochs']} "
-                                  f"(from the checkpoint): val accuracy {data['student_accuracy']:.4f}", **data)
-                    return
-                metrics = dict(job.metrics or {})
-                if data["run"] == "student":
-                    # until the run ends, the figures are the latest epoch's on validation; the final ones
-                    # come from the test split when there is one, and `accuracy_split` always says which
-                    metrics.update(student_accuracy=data["student_accuracy"], teacher_accuracy=data["teacher_accuracy"],
-                                   agreement=data["agreement"], train_loss=data["train_loss"], epoch=data["epoch"],
-                                   accuracy_split="validation")
-                else:
-                    metrics.update(baseline_accuracy=data["student_accuracy"])
-                job.metrics = metrics
-                add_event(s, job.id, "epoch", f"{data['run']} epoch {data['epoch']}/{data['epochs']}: "
-                          f"val accuracy {data['student_accuracy']:.4f}, loss {data['train_loss']:.4f}", **data)
+            data = {k: v for k, v in msg.items() if k not in ("type", "time")}
+            # The store gets the checkpoint before the database hears of its epoch: an epoch on record always
+            # has a checkpoint to resume from, whatever the database did meanwhile.
             self._upload_checkpoint(data["run"])
+            self.outbox.put(f"epoch {data['run']} {data['epoch']}", lambda s: self._write_epoch(s, data))
         elif kind == "event":
-            with session_scope(self.url) as s:
-                add_event(s, self.job_id, msg.get("kind", "info"), msg.get("message", ""), **(msg.get("data") or {}))
-                if msg.get("kind") == "warning":  # on the job at once: a job that fails later keeps it
-                    job = s.get(Job, self.job_id)
-                    if job is not None and job.worker == self.worker:
-                        add_warning(job, (msg.get("data") or {}).get("code") or "warning", msg.get("message", ""))
-                if msg.get("kind") == "device":
-                    s.execute(update(Job).where(self._ours()).values(
-                        device=msg.get("message", "").removeprefix("training on ")))
+            self.outbox.put(f"event {msg.get('kind')}", lambda s: self._write_event(s, msg))
 
-    def _has_epoch_event(self, s: Any, run: str, epoch: int) -> bool:
+    def _write_epoch(self, s: Session, data: dict[str, Any]) -> bool:
+        job = lifecycle.held(s, self.lease)
+        if job is None:
+            return False
+        replayed = data.get("replayed", False)
+        data = {k: v for k, v in data.items() if k != "replayed"}  # a retried write sees the line unchanged
+        # Written once per (run, epoch): a replayed epoch (from a checkpoint) only if the attempt that ran it
+        # died before it could, and a retried write whose first try did commit is not written again.
+        if self._has_epoch_event(s, data["run"], data["epoch"]):
+            return True
+        if replayed:
+            add_event(s, job.id, "epoch", f"{data['run']} epoch {data['epoch']}/{data['epochs']} "
+                      f"(from the checkpoint): val accuracy {data['student_accuracy']:.4f}", **data)
+            return True
+        metrics = dict(job.metrics or {})
+        if data["run"] == "student":
+            # until the run ends, the figures are the latest epoch's on validation; the final ones
+            # come from the test split when there is one, and `accuracy_split` always says which
+            metrics.update(student_accuracy=data["student_accuracy"], teacher_accuracy=data["teacher_accuracy"],
+                           agreement=data["agreement"], train_loss=data["train_loss"], epoch=data["epoch"],
+                           accuracy_split="validation")
+        else:
+            metrics.update(baseline_accuracy=data["student_accuracy"])
+        job.metrics = metrics
+        add_event(s, job.id, "epoch", f"{data['run']} epoch {data['epoch']}/{data['epochs']}: "
+                  f"val accuracy {data['student_accuracy']:.4f}, loss {data['train_loss']:.4f}",
+                  attempt=self.lease.attempt, **data)
+        return True
+
+    def _write_event(self, s: Session, msg: dict[str, Any]) -> bool:
+        job = lifecycle.held(s, self.lease)
+        if job is None:
+            return False
+        data = msg.get("data") or {}
+        add_event(s, self.job_id, msg.get("kind", "info"), msg.get("message", ""), **data)
+        if msg.get("kind") == "warning":  # on the job at once: a job that fails later keeps it
+            add_warning(job, data.get("code") or "warning", msg.get("message", ""))
+        if msg.get("kind") == "device":
+            job.device = msg.get("message", "").removeprefix("training on ")
+        return True
+
+    def _put_progress(self, state: _ChildState) -> None:
+        p, lease = state.progress or {}, self.lease
+        keep = ("run", "epoch", "epochs", "step", "total_steps", "fraction", "eta_seconds", "loss", "samples_per_s")
+        values = {"progress": {k: p.get(k) for k in keep}, "samples_per_s": p.get("samples_per_s")}
+        self.outbox.put("progress", lambda s: lifecycle.update_held(s, lease, **values), coalesce=True)
+        state.progress_dirty = False
+
+    def _has_epoch_event(self, s: Session, run: str, epoch: int) -> bool:
         events = s.scalars(select(JobEvent).where(JobEvent.job_id == self.job_id, JobEvent.kind == "epoch"))
         return any(e.data.get("run") == run and e.data.get("epoch") == epoch for e in events)
 
     # Workers on other machines share no disk: with an object store, each epoch's checkpoint goes there
-    # too, so whichever worker gets a lost job resumes it.
+    # too, under this attempt's own key, so whichever worker gets a lost job resumes it and a copy that
+    # lost its lease never overwrites the checkpoint of the attempt that took over.
     def _shares_disk(self) -> bool:
         return self.settings.artifact_store == "local"
 
+    def _checkpoint_key(self, attempt: int, run: str) -> str:
+        return f"checkpoints/{self.job_id}/{attempt}/{run}.ckpt"
+
     def _restore_checkpoints(self) -> None:
-        if self._shares_disk():
+        if self._shares_disk() or self.lease is None:
             return
         store = get_store(self.settings)
         for run in ("student", "baseline"):
-            local = self.job_dir / "checkpoints" / f"{run}.ckpt"
-            key = f"checkpoints/{self.job_id}/{run}.ckpt"
-            if store.exists(key):  # the store's copy is the newest: it is pushed after every epoch
-                store.fetch(key, local)
-                self.log.info("job %s: fetched the %s checkpoint from the store", self.job_id, run)
+            for attempt in range(self.lease.attempt - 1, 0, -1):  # the latest attempt's is the newest
+                key = self._checkpoint_key(attempt, run)
+                if store.exists(key):
+                    store.fetch(key, self.job_dir / "checkpoints" / f"{run}.ckpt")
+                    self.log.info("job %s: fetched the %s checkpoint of attempt %d from the store", self.job_id,
+                                  run, attempt)
+                    break
 
     def _upload_checkpoint(self, run: str) -> None:
         local = self.job_dir / "checkpoints" / f"{run}.ckpt"
-        if self._shares_disk() or not local.exists():
+        if self._shares_disk() or not local.exists() or self.lease is None:
             return
         # The child replaces the file at the next epoch; upload a hard-linked snapshot so the upload never
         # mixes two versions.
@@ -325,89 +372,96 @@ class Supervisor:
         snapshot.unlink(missing_ok=True)
         os.link(local, snapshot)
         try:
-            get_store(self.settings).put_file(f"checkpoints/{self.job_id}/{run}.ckpt", snapshot)
+            get_store(self.settings).put_file(self._checkpoint_key(self.lease.attempt, run), snapshot)
         finally:
             snapshot.unlink(missing_ok=True)
 
-    def _write_progress(self, state: _ChildState) -> None:
-        p = state.progress or {}
-        keep = ("run", "epoch", "epochs", "step", "total_steps", "fraction", "eta_seconds", "loss", "samples_per_s")
-        try:
-            with session_scope(self.url) as s:
-                s.execute(update(Job).where(self._ours()).values(
-                    progress={k: p.get(k) for k in keep}, samples_per_s=p.get("samples_per_s")))
-            state.progress_dirty = False
-        except OperationalError:
-            self.log.exception("job %s: could not write progress; trying again later", self.job_id)
-
-    def heartbeat(self) -> tuple[bool, bool]:
-        """Mark the job alive while this worker holds it; return (still ours, cancel requested)."""
-        with session_scope(self.url) as s:
-            ours = s.execute(update(Job).where(self._ours()).values(heartbeat_at=utcnow())).rowcount > 0
-            job = s.get(Job, self.job_id)
-            return ours, bool(job and job.cancel_requested)
-
     # -- ending ---------------------------------------------------------------------------------------
     def _conclude(self, returncode: int, state: _ChildState, max_seconds: float) -> None:
-        with session_scope(self.url) as s:
-            job = s.get(Job, self.job_id)
-            assert job is not None
-            if job.status != "running" or job.worker != self.worker or state.lost:
-                self.log.warning("job %s was taken over (%s on %s); leaving it", job.id, job.status, job.worker)
-                return
-            if state.timed_out:
-                self._finish(s, job, "failed", "job_timeout", f"the job ran longer than its limit of "
-                             f"{max_seconds:.0f} s and was stopped; raise max_run_seconds or train fewer epochs")
-            elif returncode == 0 and state.result is not None:
-                self._store_artifacts(s, job, state.result)
-            elif state.cancel_at is not None or returncode == EXIT_CANCELLED:
-                self._finish(s, job, "cancelled", None, None)
-            elif state.error is not None:
-                if state.error.get("traceback"):
-                    add_event(s, job.id, "error", state.error.get("message", ""), code=state.error.get("code"),
-                              traceback=state.error["traceback"])
-                self._finish(s, job, "failed", state.error.get("code", "job_failed"),
-                             state.error.get("message", "the job failed"))
-            else:
-                how = f"was killed by signal {-returncode}" if returncode < 0 else f"exited with status {returncode}"
-                hint = " (SIGKILL: often the machine ran out of memory)" if returncode == -signal.SIGKILL else ""
-                add_event(s, job.id, "error", f"training process {how}", stderr=_tail(self.job_dir / "child.log"))
-                self._finish(s, job, "failed", "training_process_died",
-                             f"the training process {how}{hint}; its log tail is in the job's events")
+        # What the child said comes first (late, if the database was down), then the final word.
+        try:
+            self.outbox.drain(time.monotonic() + lifecycle.DB_RETRY_SECONDS)
+        except LeaseLost:
+            state.lost = True
+        if state.lost:
+            self.log.warning("job %s was taken over by another worker; leaving it", self.job_id)
+            return
+        if state.timed_out:
+            self._end(lifecycle.FAILED, "job_timeout", f"the job ran longer than its limit of {max_seconds:.0f} s "
+                      "and was stopped; raise max_run_seconds or train fewer epochs")
+        elif returncode == 0 and state.result is not None:
+            self._succeed(state.result)
+        elif state.cancel_at is not None or returncode == EXIT_CANCELLED:
+            self._end(lifecycle.CANCELLED)
+        elif state.error is not None:
+            err = state.error
+            event = (err.get("message", ""), {"code": err.get("code"), "traceback": err["traceback"]}) \
+                if err.get("traceback") else None
+            self._end(lifecycle.FAILED, err.get("code", "job_failed"), err.get("message", "the job failed"), event)
+        else:
+            how = f"was killed by signal {-returncode}" if returncode < 0 else f"exited with status {returncode}"
+            hint = " (SIGKILL: often the machine ran out of memory)" if returncode == -signal.SIGKILL else ""
+            self._end(lifecycle.FAILED, "training_process_died",
+                      f"the training process {how}{hint}; its log tail is in the job's events",
+                      (f"training process {how}", {"stderr": _tail(self.job_dir / "child.log")}))
 
-    def _store_artifacts(self, s: Any, job: Job, result: dict[str, Any]) -> None:
+    def _end(self, status: str, code: str | None = None, message: str | None = None,
+             event: tuple[str, dict[str, Any]] | None = None) -> bool:
+        """Conclude with `status` (an `error` event first when given); False when the lease was lost."""
+        lease = self.lease
+        assert lease is not None
+
+        def write(s: Session) -> bool:
+            if event is not None and lifecycle.held(s, lease) is not None:
+                add_event(s, lease.job_id, "error", event[0], **event[1])
+            return lifecycle.conclude(s, lease, status, code, message)
+
+        if not self._retrying(f"ending the job {status}", write):
+            self.log.warning("job %s was taken over by another worker; its %s is not recorded", self.job_id, status)
+            return False
+        return True
+
+    def _succeed(self, result: dict[str, Any]) -> None:
+        lease = self.lease
+        assert lease is not None
         store = get_store(self.settings)
         out_dir = self.job_dir / "out"
+        prefix = f"jobs/{self.job_id}/{lease.attempt}"  # this attempt's own keys: see _checkpoint_key
+        rows: list[Artifact] = []
         for a in result["artifacts"]:
             if a["name"] not in ARTIFACT_NAMES:  # names come from the child: never let one pick a store key
-                self._finish(s, job, "failed", "artifact_rejected", f"unexpected artifact name {a['name']!r}")
+                self._end(lifecycle.FAILED, "artifact_rejected", f"unexpected artifact name {a['name']!r}")
                 return
             path = out_dir / a["name"]
             digest = sha256_of(path)
             if digest != a["sha256"]:
-                self._finish(s, job, "failed", "artifact_corrupted", f"{a['name']} changed on disk after export")
+                self._end(lifecycle.FAILED, "artifact_corrupted", f"{a['name']} changed on disk after export")
                 return
-            key = f"jobs/{job.id}/{a['name']}"
+            key = f"{prefix}/{a['name']}"
             store.put_file(key, path)
-            s.add(Artifact(job_id=job.id, name=a["name"], format=a["format"], size_bytes=path.stat().st_size,
-                           sha256=digest, storage_key=key))
-        metrics = dict(result["metrics"])
-        job.metrics = metrics
-        for w in result.get("warnings") or []:  # the run's final word; those seen on the way are kept
-            if isinstance(w, dict):
-                add_warning(job, w.get("code") or "warning", w.get("message", ""))
-        job.device = result.get("device") or job.device
-        job.progress = dict(job.progress or {}, fraction=1.0, eta_seconds=0.0)
-        self._finish(s, job, "succeeded", None, None)
+            rows.append(dict(name=a["name"], format=a["format"], size_bytes=path.stat().st_size, sha256=digest,
+                             storage_key=key))
+
+        def write(s: Session) -> bool:
+            job = lifecycle.held(s, lease)
+            if job is None:
+                return False
+            job.metrics = dict(result["metrics"])
+            for w in result.get("warnings") or []:  # the run's final word; those seen on the way are kept
+                if isinstance(w, dict):
+                    add_warning(job, w.get("code") or "warning", w.get("message", ""))
+            job.device = result.get("device") or job.device
+            job.progress = dict(job.progress or {}, fraction=1.0, eta_seconds=0.0)
+            return lifecycle.conclude(s, lease, lifecycle.SUCCEEDED,
+                                      artifacts=[Artifact(job_id=self.job_id, **r) for r in rows])
+
+        if not self._retrying("publishing the artifacts", write):
+            self.log.warning("job %s was taken over by another worker; its artifacts are not published", self.job_id)
+            store.delete_prefix(prefix)
+            return
         shutil.rmtree(self.job_dir / "checkpoints", ignore_errors=True)
         if not self._shares_disk():
-            store.delete_prefix(f"checkpoints/{job.id}")
-
-    def _finish(self, s: Any, job: Job, status: str, code: str | None, message: str | None) -> None:
-        job.status, job.phase, job.finished_at = status, None, utcnow()
-        job.error_code, job.error_message = code, message
-        add_event(s, job.id, "status", status if not message else f"{status}: {message}", status=status, code=code)
-        self.log.info("job %s %s%s", job.id, status, f" ({code})" if code else "")
+            store.delete_prefix(f"checkpoints/{self.job_id}")
 
 
 class _ChildState:
@@ -433,16 +487,23 @@ class _Heartbeat(threading.Thread):
         self.cancel, self.lost, self._stop_event = threading.Event(), threading.Event(), threading.Event()
 
     def run(self) -> None:
+        lease, failing = self.sup.lease, False
+        assert lease is not None
         while not self._stop_event.is_set():
             try:
-                ours, cancel = self.sup.heartbeat()
+                with session_scope(self.sup.url) as s:
+                    ours, cancel = lifecycle.beat(s, lease)
                 if not ours:
                     self.lost.set()
                 if cancel:
                     self.cancel.set()
-            except Exception:  # a database hiccup: beat again next time; staleness takes a while
-                self.sup.log.exception("job %s: heartbeat failed", self.sup.job_id)
-            self._stop_event.wait(self.sup.settings.heartbeat_interval)
+                failing = False
+            except Exception:  # the database is down: beat again soon, before the lease goes stale
+                if not failing:
+                    self.sup.log.warning("job %s: heartbeat failed; retrying every second", self.sup.job_id,
+                                         exc_info=True)
+                failing = True
+            self._stop_event.wait(1.0 if failing else self.sup.settings.heartbeat_interval)
 
     def stop(self) -> None:
         self._stop_event.set()

@@ -8,8 +8,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.db import database_unreachable
 from worker.distill.errors import DistillError
 
 log = logging.getLogger("kdistill.api")
@@ -49,6 +51,23 @@ def _text(s: str) -> str:
     return s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+RETRY_AFTER_SECONDS = 5
+
+
+def database_unavailable() -> ApiError:
+    """The answer while the database cannot be reached: 503, worth retrying, never a 500."""
+    return ApiError(503, "database_unavailable", "the database is unreachable for the moment; nothing was "
+                    f"changed. Retry in a few seconds (Retry-After: {RETRY_AFTER_SECONDS})",
+                    retry_after=RETRY_AFTER_SECONDS)
+
+
+def unavailable_response(method: str, path: str) -> JSONResponse:
+    log.warning("%s %s: the database is unreachable; answered 503", method, path)
+    e = database_unavailable()
+    return JSONResponse(error_body(e.code, e.message, **e.extra), status_code=503,
+                        headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
               405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
               415: "unsupported_media_type", 422: "validation_error", 429: "too_many_requests"}
@@ -84,8 +103,16 @@ def install_error_handlers(app: FastAPI) -> None:
         code = getattr(e, "code", None) or HTTP_CODES.get(e.status_code, "http_error")
         return JSONResponse(error_body(code, str(e.detail)), status_code=e.status_code)
 
+    @app.exception_handler(SQLAlchemyError)
+    async def _database(request: Request, e: SQLAlchemyError) -> JSONResponse:
+        if database_unreachable(e):
+            return unavailable_response(request.method, request.url.path)
+        return await _unexpected(request, e)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        if database_unreachable(e):
+            return unavailable_response(request.method, request.url.path)
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(error_body("internal_error", "the server failed to answer; the error is logged"),
                             status_code=500)

@@ -25,10 +25,11 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.db import database_unreachable
 from app.settings import Settings
 
 from .deps import TENANT_STATE, authenticate, cached_tenant
-from .errors import ApiError, error_body
+from .errors import RETRY_AFTER_SECONDS, ApiError, database_unavailable, error_body
 
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
@@ -81,7 +82,12 @@ class RequestGuard:
                 authorization = headers.get("authorization")
                 ref = cached_tenant(self.settings, authorization)
                 if ref is None:
-                    ref = await run_in_threadpool(authenticate, self.settings, authorization)
+                    try:
+                        ref = await run_in_threadpool(authenticate, self.settings, authorization)
+                    except Exception as e:
+                        if not database_unreachable(e):
+                            raise
+                        raise database_unavailable() from None
                 scope.setdefault("state", {})[TENANT_STATE] = ref
         except ApiError as e:
             await _refuse(e, scope, receive, send, has_body=_has_body(headers))
@@ -153,6 +159,8 @@ def _has_body(headers: Headers) -> bool:
 
 async def _refuse(e: ApiError, scope: Scope, receive: Receive, send: Send, has_body: bool) -> None:
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {}
+    if e.status == 503:
+        headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     if has_body:  # hang up rather than drain a body nobody will read
         headers["Connection"] = "close"
     response = JSONResponse(error_body(e.code, e.message, e.field, **e.extra), status_code=e.status,

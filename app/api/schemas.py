@@ -20,8 +20,7 @@ from pydantic_core import InitErrorDetails
 from worker.distill.spec import Checks, ExportFormat, Hyperparameters, room_to_train
 
 T = TypeVar("T")
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-TERMINAL = ("succeeded", "failed", "cancelled")
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]  # app.lifecycle moves a job among them
 
 
 class _Out(BaseModel):

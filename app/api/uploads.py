@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextvars
+import fcntl
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +79,7 @@ class UploadGuard:
 
         async def remove_folders() -> None:
             while folders:
-                await run_in_threadpool(shutil.rmtree, folders.pop(), True)
+                await run_in_threadpool(release_folder, folders.pop())
 
         async def send_after_cleanup(message: Message) -> None:
             if message["type"] == "http.response.body" and not message.get("more_body", False):
@@ -112,7 +115,8 @@ async def save_upload(upload: UploadFile, dest_dir: Path, limit: int) -> tuple[P
     every message about the file names it as the user did; return (path, size, sha256). The folder goes
     when the request ends (UploadGuard), or with `discard_upload`."""
     dest_dir.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(dir=dest_dir, prefix="upload-"))
+    folder = Path(tempfile.mkdtemp(dir=dest_dir, prefix=UPLOAD_PREFIX))
+    _hold(folder)
     folders = _upload_dirs.get()
     if folders is not None:
         folders.append(folder)
@@ -138,7 +142,54 @@ async def save_upload(upload: UploadFile, dest_dir: Path, limit: int) -> tuple[P
 
 def discard_upload(path: Path) -> None:
     """Remove a file from save_upload and its folder."""
-    shutil.rmtree(path.parent, ignore_errors=True)
+    release_folder(path.parent)
+
+
+# An upload folder is held by an exclusive flock on its `.owner` file for as long as its request runs; the
+# kernel drops the lock when the process dies, however it dies, so a folder nobody holds is an orphan of a
+# killed server (any of several uvicorn workers sharing the folder) and goes at the next start-up.
+UPLOAD_PREFIX = "upload-"
+OWNER_FILE = ".owner"
+ORPHAN_MIN_AGE = 60.0  # a folder without its lock file yet may be a fresh one, not an orphan
+_held: dict[Path, int] = {}
+
+
+def _hold(folder: Path) -> None:
+    fd = os.open(folder / OWNER_FILE, os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _held[folder] = fd
+
+
+def release_folder(folder: Path) -> None:
+    """Remove an upload folder and let go of its lock."""
+    shutil.rmtree(folder, ignore_errors=True)
+    fd = _held.pop(folder, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def remove_orphaned_uploads(tmp_dir: Path) -> int:
+    """Remove the upload folders in `tmp_dir` that no live process holds; return how many."""
+    removed = 0
+    for folder in tmp_dir.glob(f"{UPLOAD_PREFIX}*") if tmp_dir.is_dir() else []:
+        owner = folder / OWNER_FILE
+        try:
+            if not owner.exists():
+                if time.time() - folder.stat().st_mtime < ORPHAN_MIN_AGE:
+                    continue
+            else:
+                fd = os.open(owner, os.O_RDWR)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a request in another process still uses it
+                finally:
+                    os.close(fd)
+        except FileNotFoundError:
+            continue  # its request just finished and removed it
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+    return removed
 
 
 # The engine names fields as in a job spec; an upload's form fields are named differently.

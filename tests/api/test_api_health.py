@@ -65,3 +65,21 @@ def test_unknown_route_is_json_404(env: Env) -> None:
     assert resp.status_code == 404
     body = resp.json()
     assert body["code"] == "not_found" and body["message"]
+
+
+def test_an_unreachable_database_answers_503_database_unavailable_never_500(env: Env) -> None:
+    """Every route, the key check in front of them included, and both backends: 503 with Retry-After."""
+    down = "postgresql+psycopg://postgres@127.0.0.1:1/gone" if env.kind == "postgres" else \
+        f"sqlite:///{env.settings.data_dir}/missing-folder/none.db"
+    client = env.client_with(database_url=down)
+    for method, path, kwargs in (("get", "/v1/jobs", {}), ("get", "/v1/teachers", {}),
+                                 ("post", "/v1/jobs", {"json": {"teacher_id": "t", "dataset_id": "d",
+                                                                "student": {"arch": "resnet8"}}}),
+                                 ("post", "/v1/jobs/job_x/cancel", {}), ("get", "/v1/jobs/job_x/events", {})):
+        resp = getattr(client, method)(path, headers=env.auth(), **kwargs)
+        assert resp.status_code == 503, (path, resp.status_code, resp.text)
+        assert resp.json()["code"] == "database_unavailable", resp.text
+        assert resp.headers["Retry-After"] == "5"
+    assert client.get("/healthz").status_code == 200  # alive: only not ready
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["errors"][0]["code"] == "database_unreachable"

@@ -95,9 +95,11 @@ def live_workers(db_url: str) -> list[WorkerRecord]:
 
 def test_compose_file_names_only_services_this_test_runs():
     services = load_compose("docker-compose.yml", "docker-compose.cpu.yml")
-    ours = {name for name, spec in services.items() if "command" in spec and name not in STAND_INS}
+    tools = {name for name, spec in services.items() if spec.get("profiles")}  # run only when asked
+    assert tools == {"backup"}
+    ours = {name for name, spec in services.items() if "command" in spec and name not in {*STAND_INS, *tools}}
     assert ours == {"migrate", "api", "worker", "flower"}
-    assert set(services) == ours | set(STAND_INS)
+    assert set(services) == ours | set(STAND_INS) | tools
     gpu = load_compose("docker-compose.yml")["worker"]
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
@@ -163,6 +165,13 @@ def test_topology_two_jobs_at_once_on_two_cpu_workers_with_artifacts_on_s3(tmp_p
             flower_cmd = [f"--port={flower_port}" if a.startswith("--port=") else a
                           for a in services["flower"]["command"]]
             flower = start("flower", flower_cmd, env_for("flower", tmp_path / "flower"), "flower")
+            def health(n: int) -> tuple[int, str]:
+                check = services["worker"]["healthcheck"]["test"]
+                assert check[0] == "CMD"
+                proc = subprocess.run(check[1:], cwd=REPO, env=env_for("worker", tmp_path / f"worker{n}"),
+                                      capture_output=True, text=True, timeout=60)
+                return proc.returncode, proc.stdout + proc.stderr
+
             wait_http(f"http://127.0.0.1:{api_port}/readyz", api)
             wait_http(f"http://127.0.0.1:{flower_port}/flower/healthcheck", flower)
 
@@ -191,18 +200,21 @@ def test_topology_two_jobs_at_once_on_two_cpu_workers_with_artifacts_on_s3(tmp_p
                 jobs.append(r.json())
             assert {j["queue"] for j in jobs} == {"cpu"}  # no GPU worker is alive, so the cpu queue
 
-            both_running, seen_workers = False, set()
+            both_running, seen_workers, busy_health = False, set(), []
             deadline = time.monotonic() + 600
             while time.monotonic() < deadline:
                 now = [client.get(f"/v1/jobs/{j['id']}").json() for j in jobs]
                 running = [j for j in now if j["status"] == "running"]
                 seen_workers |= {j["worker"] for j in running}
                 both_running |= len(running) == 2
+                if len(running) == 2 and not busy_health:  # compose's own health check, on busy workers
+                    busy_health = [health(n) for n in (1, 2)]
                 if all(j["status"] in TERMINAL for j in now):
                     break
                 time.sleep(0.3)
             assert [j["status"] for j in now] == ["succeeded", "succeeded"], now
             assert both_running, "the two jobs never ran at the same time"
+            assert [code for code, _ in busy_health] == [0, 0], busy_health
             assert len({j["worker"] for j in now}) == 2, seen_workers
 
             x = (digits.x_test[:, None].astype(np.float32) / 255 - DIGITS_MEAN) / DIGITS_STD
@@ -212,7 +224,8 @@ def test_topology_two_jobs_at_once_on_two_cpu_workers_with_artifacts_on_s3(tmp_p
             for j in now:
                 onnx = client.get(f"/v1/jobs/{j['id']}/artifacts/student.onnx")
                 assert onnx.status_code == 200
-                assert f"jobs/{j['id']}/student.onnx" in keys  # written by the worker, served by the API
+                # written by the worker under its attempt's keys, served by the API
+                assert f"jobs/{j['id']}/1/student.onnx" in keys
                 path = tmp_path / f"{j['id']}.onnx"
                 path.write_bytes(onnx.content)
                 session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -223,6 +236,11 @@ def test_topology_two_jobs_at_once_on_two_cpu_workers_with_artifacts_on_s3(tmp_p
             metrics = client.get("/metrics").text
             assert 'kdistill_jobs{status="succeeded"} 2.0' in metrics
             assert "kdistill_http_request_duration_seconds_bucket" in metrics
+
+            # A worker that stops is unhealthy at once; the other stays healthy.
+            procs["worker1"].send_signal(signal.SIGTERM)
+            procs["worker1"].wait(timeout=60)
+            assert health(1)[0] != 0 and health(2)[0] == 0, (health(1), health(2))
     finally:
         for proc in procs.values():
             if proc.poll() is None:

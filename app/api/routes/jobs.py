@@ -10,9 +10,10 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from app.jobs import add_event, cancel_queued, job_view, request_hash
-from app.models import Artifact, Dataset, Job, JobEvent, Teacher, new_id, utcnow
-from app.queue import default_queue, enqueue
+from app import lifecycle
+from app.jobs import job_view, request_hash
+from app.models import Artifact, Dataset, Job, JobEvent, Teacher, new_id
+from app.queue import default_queue
 from app.storage import get_store
 from worker.distill.errors import DistillError, StudentError
 from worker.distill.label_map import match_classes
@@ -22,7 +23,7 @@ from worker.distill.students import check_input_size, model_info
 from ..deps import SessionDep, SettingsDep, TenantDep
 from ..errors import ApiError, get_owned, not_found
 from ..pagination import page
-from ..schemas import TERMINAL, EventOut, JobCreate, JobOut, JobStatus, Page
+from ..schemas import EventOut, JobCreate, JobOut, JobStatus, Page
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 MAX_EVENT_ID = 2**63 - 1  # the largest BIGINT: past it the database itself would refuse the query
@@ -85,7 +86,7 @@ def create_job(
               status="queued", queue=queue, request=request,
               idempotency_key=idempotency_key, request_hash=digest)
     session.add(job)
-    add_event(session, job.id, "status", "queued", status="queued")
+    lifecycle.submitted(session, job)
     try:
         session.commit()
     except IntegrityError:  # a concurrent request with the same Idempotency-Key won the race
@@ -96,8 +97,7 @@ def create_job(
             raise
         response.headers["Location"] = f"/v1/jobs/{existing.id}"
         return _replay(existing, digest)
-    if enqueue(settings, job.id, job.queue):
-        job.enqueued_at = utcnow()
+    if lifecycle.send(session, settings, job):
         session.commit()
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_view(job)
@@ -144,13 +144,8 @@ def job_events(job_id: str, session: SessionDep, tenant: TenantDep,
              description="queued: cancelled at once; running: stops at the next training step")
 def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
     job = _own_job(session, tenant.id, job_id)
-    if job.status in TERMINAL:
-        if job.status == "cancelled":
-            return job_view(job)
+    if lifecycle.request_cancel(session, job) == "final" and job.status != "cancelled":
         raise ApiError(409, "job_finished", f"job {job_id} already {job.status}; there is nothing to cancel")
-    if not cancel_queued(session, job_id) and not job.cancel_requested:
-        job.cancel_requested = True
-        add_event(session, job_id, "cancel_requested", "cancellation requested; the worker stops at the next step")
     session.commit()
     session.refresh(job)
     return job_view(job)
