@@ -222,3 +222,15 @@ def test_a_copy_whose_lease_was_taken_over_publishes_no_artifact_even_under_the_
     with session_scope(deployment.resolved_database_url) as s:
         events = [e.message for e in s.query(JobEvent).filter(JobEvent.job_id == "job_1", JobEvent.kind == "status")]
     assert events.count("succeeded") == 1
+
+
+def test_a_bug_that_raises_not_implemented_fails_the_job_instead_of_passing_for_a_stopping_worker(deployment,
+                                                                                                 monkeypatch):
+    def broken(self):  # type: ignore[no-untyped-def]
+        raise NotImplementedError("a code path nobody wrote")
+
+    monkeypatch.setattr(Supervisor, "_supervise", broken)
+    Supervisor(deployment, "job_1", "worker-a").run()
+    done = job(deployment)
+    assert done["status"] == "failed" and done["error"]["code"] == "worker_error", done
+    assert "NotImplementedError" in done["error"]["message"]

@@ -166,7 +166,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (409, "Conflict (idempotency key reused, job finished)"),
         (413, "Upload or archive too large"),
         (415, "Unsupported media type or file format"),
-        (422, "Invalid input: `field` names it"))}
+        (422, "Invalid input: `field` names it"),
+        (503, "The database is unreachable for the moment (`database_unavailable`, with Retry-After): retry"))}
 
 
 class WarningOut(BaseModel):
