@@ -1,5 +1,5 @@
 """The `kdistill` command line: local runs (`run`, `example`), the one-machine service (`serve`, `keys`)
-and the service's client verbs (`submit`, `status`, `jobs`, `cancel`, `download`)."""
+and the service's client verbs (`submit`, `status`, `jobs`, `cancel`, `download`, `sweep ...`)."""
 
 from __future__ import annotations
 
@@ -103,14 +103,28 @@ def _run_event_line(kind: str, message: str, data: dict[str, Any]) -> str:
 
 
 @cli.command()
-def models(family: str | None = typer.Option(None, help="torchvision or small")) -> None:
-    """List the student (and state-dict teacher) architectures kdistill can build."""
-    from worker.distill.students import list_models, model_info
+def models(name_filter: str | None = typer.Option(None, "--filter", help="part of the name, e.g. mobile"),
+           family: str | None = typer.Option(None, help="torchvision, small or timm")) -> None:
+    """List the student (and state-dict teacher) architectures kdistill can build, with parameter counts;
+    timm's (`timm:<name>`, with `pip install 'kdistill[timm]'`) are listed with --filter or --family timm."""
+    from worker.distill.errors import StudentError
+    from worker.distill.students import list_models, model_info, model_params
 
-    for name in list_models():
+    table = Table("name", "family", "parameters", "input", "min input", box=None)
+    try:
+        # timm has over a thousand models, each counted on first sight: listed when a filter narrows them
+        names = list_models(filter=name_filter, family=family, include_timm=name_filter is not None)
+    except StudentError as e:
+        console.print(f"[red]{escape(e.message)}[/]")
+        raise typer.Exit(2) from None
+    for name in names:
         info = model_info(name)
-        if family in (None, info.family):
-            typer.echo(f"{name:28s} {info.family:12s} input {info.default_input_size} (min {info.min_input_size})")
+        table.add_row(name, info.family, f"{model_params(name) / 1e6:.2f}M", str(info.default_input_size),
+                      str(info.min_input_size))
+    if not table.row_count:
+        typer.echo(f"no architecture matches {name_filter!r}" + (f" in family {family}" if family else ""), err=True)
+        raise typer.Exit(1)
+    Console().print(table)
 
 
 @cli.command()
@@ -425,6 +439,27 @@ def _report(job: dict[str, Any], out: Console) -> None:
                   soft_wrap=True)
 
 
+def _upload_inputs(client: Any, teacher: Path | None, teacher_id: str | None, dataset: Path | None,
+                   dataset_id: str | None, teacher_form: dict[str, Any]) -> tuple[str, str]:
+    """Upload the teacher and dataset files given (else take the ids given); the ids to submit with."""
+    if teacher is not None:
+        with console.status(f"uploading {teacher.name}..."):
+            t = client.upload_teacher(teacher, **teacher_form)
+        teacher_id = t["id"]
+        named = f" ({escape(', '.join(t['classes'][:5]))}{', ...' if len(t['classes']) > 5 else ''})" \
+            if t.get("classes") else ""
+        console.print(f"teacher [bold]{teacher_id}[/]: {t['format']}, {t['num_classes']} classes{named}, "
+                      f"input {t['input_channels']}x{t['input_size'][0]}x{t['input_size'][-1]}")
+    if dataset is not None:
+        with console.status(f"uploading {dataset.name}..."):
+            d = client.upload_dataset(dataset)
+        dataset_id = d["id"]
+        console.print(f"dataset [bold]{dataset_id}[/]: {d['format']}, {d['num_classes']} classes, "
+                      f"{d['num_train']} train / {d['num_val']} val / {d['num_unlabeled']} unlabeled")
+    assert teacher_id is not None and dataset_id is not None
+    return teacher_id, dataset_id
+
+
 @cli.command()
 def submit(
     student: str = typer.Option(..., "--student", help="student architecture (see `kdistill models`)"),
@@ -472,24 +507,10 @@ def submit(
 
     try:
         with _client(url, api_key) as client:
-            if teacher is not None:
-                with console.status(f"uploading {teacher.name}..."):
-                    t = client.upload_teacher(teacher, arch=arch, num_classes=num_classes,
-                                              input_channels=input_channels, input_size=input_size,
-                                              mean=_csv_floats(mean, "--mean"), std=_csv_floats(std, "--std"),
-                                              classes=classes)
-                teacher_id = t["id"]
-                named = f" ({escape(', '.join(t['classes'][:5]))}{', ...' if len(t['classes']) > 5 else ''})" \
-                    if t.get("classes") else ""
-                console.print(f"teacher [bold]{teacher_id}[/]: {t['format']}, {t['num_classes']} classes{named}, "
-                              f"input {t['input_channels']}x{t['input_size'][0]}x{t['input_size'][-1]}")
-            if dataset is not None:
-                with console.status(f"uploading {dataset.name}..."):
-                    d = client.upload_dataset(dataset)
-                dataset_id = d["id"]
-                console.print(f"dataset [bold]{dataset_id}[/]: {d['format']}, {d['num_classes']} classes, "
-                              f"{d['num_train']} train / {d['num_val']} val / {d['num_unlabeled']} unlabeled")
-            assert teacher_id is not None and dataset_id is not None
+            teacher_id, dataset_id = _upload_inputs(
+                client, teacher, teacher_id, dataset, dataset_id, dict(
+                    arch=arch, num_classes=num_classes, input_channels=input_channels, input_size=input_size,
+                    mean=_csv_floats(mean, "--mean"), std=_csv_floats(std, "--std"), classes=classes))
             job = client.create_job(teacher_id, dataset_id, student, hyperparameters=hyper or None,
                                     export_formats=formats, baseline=baseline, idempotency_key=idempotency_key,
                                     **extra)
@@ -619,6 +640,214 @@ def example(
     console.print(f"wrote the example into {files.dir.resolve()} in {files.seconds:.0f} s "
                   f"(teacher held-out accuracy {files.teacher_test_accuracy:.4f}); see README.txt there.\n")
     typer.echo(commands(dest))
+
+
+# -- sweeps ----------------------------------------------------------------------------------------------
+sweep_cli = typer.Typer(no_args_is_help=True, help="Hyperparameter sweeps: many jobs, one search (Optuna).")
+cli.add_typer(sweep_cli, name="sweep")
+
+
+def _space_param(spec: str) -> tuple[str, Any]:
+    """NAME=SPEC of --param: `a,b,c` a list, `low..high` a range, `low..high:log` a log range."""
+    import yaml
+
+    name, sep, value = spec.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise typer.BadParameter(f"expected NAME=VALUES or NAME=LOW..HIGH[:log], got {spec!r}", param_hint="--param")
+    value = value.strip()
+    if ".." in value:
+        bounds, _, scale = value.partition(":")
+        low, _, high = bounds.partition("..")
+        try:
+            return name.strip(), {"low": float(low), "high": float(high), "log": scale.strip() == "log"}
+        except ValueError:
+            raise typer.BadParameter(f"expected LOW..HIGH numbers, got {value!r}", param_hint="--param") from None
+    return name.strip(), [yaml.safe_load(v) for v in value.split(",") if v.strip()]
+
+
+def _sweep_space(space: str | None, params: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if space:
+        try:
+            out = json.loads(Path(space[1:]).read_text() if space.startswith("@") else space)
+        except (OSError, ValueError) as e:
+            raise typer.BadParameter(f"not a JSON object nor @FILE of one: {e}", param_hint="--space") from None
+        if not isinstance(out, dict):
+            raise typer.BadParameter("the space is a JSON object of dimensions", param_hint="--space")
+    out.update(_space_param(p) for p in params)
+    if not out:
+        raise typer.BadParameter("give the search space: --space JSON or --param NAME=SPEC", param_hint="--space")
+    return out
+
+
+def _sweep_report(sweep: dict[str, Any], out: Console) -> None:
+    colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(sweep["status"], "cyan")
+    c = sweep["counts"]
+    out.print(f"sweep [bold]{sweep['id']}[/] [{colour}]{sweep['status']}[/]  {sweep['trials_started']}/"
+              f"{sweep['max_trials']} trials started (" + ", ".join(f"{n} {k}" for k, n in c.items()
+                                                                     if n and k != "total") + ")")
+    if sweep.get("error"):
+        out.print(f"[red]error[/] [bold]{escape(sweep['error']['code'])}[/]: {escape(sweep['error']['message'])}")
+    names = sorted({k for t in sweep["trials"] for k in t["params"]})
+    table = Table("#", Column("job", no_wrap=True, min_width=28), "state", *names, "epochs", sweep["metric"],
+                  box=None)
+    for t in sweep["trials"]:
+        mark = " [green]★[/]" if t["job_id"] == sweep.get("best_job_id") else ""
+        table.add_row(str(t["number"]), t["job_id"], t["state"], *(_cell(t["params"].get(k)) for k in names),
+                      str(t["epochs"]), (f"{t['value']:.4f}" if t["value"] is not None else "") + mark)
+    if sweep["trials"]:
+        out.print(table)
+    if sweep.get("best_job_id"):
+        params = ", ".join(f"{k}={_cell(v)}" for k, v in (sweep.get("best_params") or {}).items())
+        out.print(f"best: job [bold]{sweep['best_job_id']}[/] {sweep['metric']} {sweep['best_value']:.4f}  {params}")
+
+
+def _cell(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v)
+
+
+@sweep_cli.command("submit")
+def sweep_submit(
+    student: str = typer.Option(..., "--student", help="student architecture (see `kdistill models`)"),
+    space: str | None = typer.Option(None, "--space", help="the search space as JSON (or @FILE), e.g. "
+                                     '{"temperature": {"low": 1, "high": 8, "log": true}, "alpha": [0.5, 0.9]}'),
+    param: list[str] = typer.Option([], "--param", help="one dimension, NAME=a,b,c or NAME=LOW..HIGH[:log] "
+                                    "(repeatable): temperature, alpha, learning_rate, distillation, standardize"),
+    max_trials: int = typer.Option(10, "--max-trials", min=1),
+    max_parallel: int = typer.Option(2, "--max-parallel", min=1, help="trials running at once"),
+    sampler_seed: int = typer.Option(0, "--seed", help="seed of the TPE sampler"),
+    no_prune: bool = typer.Option(False, "--no-prune", help="let every trial run all its epochs"),
+    teacher: Path | None = typer.Option(None, "--teacher", exists=True, dir_okay=False, help="teacher file to upload"),
+    teacher_id: str | None = typer.Option(None, "--teacher-id", help="an uploaded teacher"),
+    dataset: Path | None = typer.Option(None, "--dataset", exists=True, dir_okay=False, help="dataset to upload"),
+    dataset_id: str | None = typer.Option(None, "--dataset-id", help="an uploaded dataset"),
+    arch: str | None = typer.Option(None, "--arch", help="teacher architecture (state-dict teachers)"),
+    num_classes: int | None = typer.Option(None, "--num-classes", help="teacher classes (state-dict teachers)"),
+    input_channels: int = typer.Option(3, "--input-channels", help="teacher input channels"),
+    input_size: int = typer.Option(224, "--input-size", help="teacher input size (square)"),
+    mean: str | None = typer.Option(None, "--mean", help="teacher input mean, comma-separated per channel"),
+    std: str | None = typer.Option(None, "--std", help="teacher input std, comma-separated per channel"),
+    classes: str | None = typer.Option(None, "--classes", help="names of the teacher's outputs 0..N-1"),
+    epochs: int | None = typer.Option(None, "--epochs"),
+    batch_size: int | None = typer.Option(None, "--batch-size"),
+    hp: list[str] = typer.Option([], "--hp", help="any other hyperparameter of every trial, KEY=VALUE (repeatable)"),
+    baseline: bool = typer.Option(False, "--baseline", help="also train each student on labels alone"),
+    export: str = typer.Option("onnx", "--export", help="comma-separated: onnx, torchscript, torch_export"),
+    queue: str | None = typer.Option(None, "--queue", help="worker queue (default: the server's)"),
+    idempotency_key: str | None = typer.Option(None, "--idempotency-key"),
+    wait: bool = typer.Option(False, "--wait", help="follow the sweep until it ends"),
+    timeout: float | None = typer.Option(None, "--timeout", help="with --wait: give up after this many seconds"),
+    as_json: bool = typer.Option(False, "--json", help="print the sweep as JSON instead of its id"),
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Start a sweep: the inputs of `kdistill submit` plus a search space; print its id."""
+    if (teacher is None) == (teacher_id is None):
+        raise typer.BadParameter("give exactly one of --teacher FILE and --teacher-id ID", param_hint="--teacher")
+    if (dataset is None) == (dataset_id is None):
+        raise typer.BadParameter("give exactly one of --dataset FILE and --dataset-id ID", param_hint="--dataset")
+    search = _sweep_space(space, param)
+    hyper = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size}.items() if v is not None}
+    hyper.update(_hp_pairs(hp))
+    extra: dict[str, Any] = {"queue": queue} if queue else {}
+    if no_prune:
+        extra["pruning"] = {"enabled": False}
+    from app.client import KdistillError
+
+    try:
+        with _client(url, api_key) as client:
+            teacher_id, dataset_id = _upload_inputs(
+                client, teacher, teacher_id, dataset, dataset_id, dict(
+                    arch=arch, num_classes=num_classes, input_channels=input_channels, input_size=input_size,
+                    mean=_csv_floats(mean, "--mean"), std=_csv_floats(std, "--std"), classes=classes))
+            sweep = client.create_sweep(teacher_id, dataset_id, student, search, max_trials=max_trials,
+                                        max_parallel=max_parallel, hyperparameters=hyper or None,
+                                        export_formats=[f.strip() for f in export.split(",") if f.strip()],
+                                        baseline=baseline, idempotency_key=idempotency_key,
+                                        sampler_seed=sampler_seed, **extra)
+            console.print(f"sweep [bold]{sweep['id']}[/] {sweep['status']}: {sweep['trials_started']} trial(s) "
+                          f"queued, up to {max_trials}")
+            if wait:
+                sweep = client.wait_sweep(sweep["id"], timeout=timeout, on_progress=lambda s: console.print(
+                    f"[dim]{s['status']}: " + ", ".join(f"{n} {k}" for k, n in s["counts"].items()
+                                                        if n and k != "total") + "[/]"))
+                _sweep_report(sweep, console)
+    except (KdistillError, TimeoutError) as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        console.print("stopped following; the sweep goes on (`kdistill sweep status ID`, `kdistill sweep cancel ID`)")
+        raise typer.Exit(130) from None
+    typer.echo(json.dumps(sweep, indent=2) if as_json else sweep["id"])
+    if wait and sweep["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+@sweep_cli.command("status")
+def sweep_status(
+    sweep_id: str = typer.Argument(..., help="the sweep's id"),
+    watch: bool = typer.Option(False, "--watch", "-w", help="follow the sweep until it ends"),
+    as_json: bool = typer.Option(False, "--json", help="print the sweep as JSON"),
+    timeout: float | None = typer.Option(None, "--timeout", help="with --watch: give up after this many seconds"),
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Show a sweep: its trials (params, state, epochs, value) and the best one."""
+    from app.client import KdistillError
+
+    out = Console()
+    try:
+        with _client(url, api_key) as client:
+            sweep = client.wait_sweep(sweep_id, timeout=timeout) if watch else client.get_sweep(sweep_id)
+    except (KdistillError, TimeoutError) as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    if as_json:
+        typer.echo(json.dumps(sweep, indent=2))
+    else:
+        _sweep_report(sweep, out)
+    if watch and sweep["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+@sweep_cli.command("list")
+def sweep_list(
+    sweep_status: str | None = typer.Option(None, "--status", help="running, succeeded, failed, cancelled"),
+    limit: int = typer.Option(20, min=1, help="how many, newest first"),
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """List sweeps, newest first."""
+    from itertools import islice
+
+    from app.client import KdistillError
+
+    table = Table("status", "student", "trials", "best", "created")
+    table.columns.insert(0, Column("id", no_wrap=True, min_width=28))
+    try:
+        with _client(url, api_key) as client:
+            for s in islice(client.list_sweeps(status=sweep_status, limit=min(limit, 200)), limit):
+                table.add_row(s["id"], s["status"], s["request"]["student"]["arch"],
+                              f"{s['trials_started']}/{s['max_trials']}",
+                              f"{s['best_value']:.4f}" if s.get("best_value") is not None else "",
+                              str(s["created_at"])[:19])
+    except KdistillError as e:
+        _fail(e)
+    Console().print(table)
+
+
+@sweep_cli.command("cancel")
+def sweep_cancel(sweep_id: str = typer.Argument(...), url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Cancel a sweep and its queued and running trials (completed ones keep their results)."""
+    from app.client import KdistillError
+
+    try:
+        with _client(url, api_key) as client:
+            sweep = client.cancel_sweep(sweep_id)
+    except KdistillError as e:
+        _fail(e)
+    console.print(f"sweep {sweep_id}: {sweep['status']}")
+
 
 def main() -> None:
     cli()

@@ -9,6 +9,8 @@
         job = kd.create_job(teacher["id"], dataset["id"], "resnet8", hyperparameters={"epochs": 5})
         job = kd.wait(job["id"], timeout=600)
         kd.download(job["id"], "student.onnx", "out/")
+        sweep = kd.create_sweep(teacher["id"], dataset["id"], "resnet8", {"temperature": [2, 4, 8]}, max_trials=3)
+        best = kd.wait_sweep(sweep["id"])["best_job_id"]
 
 Every error the server answers is raised as `KdistillError(status, code, message, field)`; a server that
 cannot be reached is `KdistillError(0, "unreachable", ...)`. Uploads and downloads stream from and to
@@ -162,13 +164,7 @@ class Client:
                    baseline: bool = False, idempotency_key: str | None = None, **extra: Any) -> dict[str, Any]:
         """Create a job (202). `extra` goes into the body as is (`data`, `queue`, `max_run_seconds`, ...);
         `student={...}` adds student options (`input_size`, `mean`, `std`) to the arch."""
-        body: dict[str, Any] = {"teacher_id": teacher_id, "dataset_id": dataset_id,
-                                "student": {**extra.pop("student", {}), "arch": student_arch}, "baseline": baseline}
-        if hyperparameters is not None:
-            body["hyperparameters"] = hyperparameters
-        if export_formats is not None:
-            body["export_formats"] = list(export_formats)
-        body.update(extra)
+        body = _job_body(teacher_id, dataset_id, student_arch, hyperparameters, export_formats, baseline, extra)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return self._json("POST", "/v1/jobs", json=body, headers=headers)
 
@@ -205,6 +201,47 @@ class Client:
                 raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout} s")
             time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
 
+    # -- sweeps ----------------------------------------------------------------------------------------
+    def create_sweep(self, teacher_id: str, dataset_id: str, student_arch: str, space: dict[str, Any], *,
+                     max_trials: int = 10, max_parallel: int = 2, hyperparameters: dict[str, Any] | None = None,
+                     export_formats: Sequence[str] | None = None, baseline: bool = False,
+                     idempotency_key: str | None = None, **extra: Any) -> dict[str, Any]:
+        """Start a sweep (202): the job request of `create_job` plus the search `space`, e.g.
+        `{"temperature": {"low": 1, "high": 8, "log": True}, "distillation": ["soft", "dkd"]}`. `extra` goes
+        into the body as is (`pruning`, `sampler_seed`, `data`, ...)."""
+        body = _job_body(teacher_id, dataset_id, student_arch, hyperparameters, export_formats, baseline, extra)
+        body.update(space=space, max_trials=max_trials, max_parallel=max_parallel)
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return self._json("POST", "/v1/sweeps", json=body, headers=headers)
+
+    def get_sweep(self, sweep_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/sweeps/{sweep_id}")
+
+    def list_sweeps(self, status: str | None = None, limit: int = 50) -> Iterator[dict[str, Any]]:
+        """Every sweep (of one `status` if given), newest first, without their trials."""
+        return self._pages("/v1/sweeps", {"status": status, "limit": limit})
+
+    def cancel_sweep(self, sweep_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/v1/sweeps/{sweep_id}/cancel")
+
+    def wait_sweep(self, sweep_id: str, *, timeout: float | None = None, poll: float = 2.0,
+                   on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Poll until the sweep is succeeded, failed or cancelled and return it; `on_progress(sweep)` on the
+        first poll and whenever its status, trials or best changed. Raises TimeoutError after `timeout` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last: str | None = None
+        while True:
+            sweep = self.get_sweep(sweep_id)
+            seen = json.dumps([sweep.get("status"), sweep.get("trials"), sweep.get("best_job_id")], sort_keys=True)
+            if on_progress is not None and seen != last:
+                on_progress(sweep)
+            last = seen
+            if sweep["status"] in TERMINAL:
+                return sweep
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"sweep {sweep_id} is still {sweep['status']} after {timeout} s")
+            time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
+
     def download(self, job_id: str, name: str, dest: str | os.PathLike[str] = ".") -> Path:
         """Stream artifact `name` to `dest` and check its sha256 against the ETag; a mismatch deletes the
         partial file and raises KdistillError(code="checksum_mismatch"). `dest` is a folder (created if
@@ -239,6 +276,18 @@ class Client:
                                 f"{digest.hexdigest()}, the server announced {expected}; download it again")
         os.replace(part, target)
         return target
+
+
+def _job_body(teacher_id: str, dataset_id: str, student_arch: str, hyperparameters: dict[str, Any] | None,
+              export_formats: Sequence[str] | None, baseline: bool, extra: dict[str, Any]) -> dict[str, Any]:
+    body: dict[str, Any] = {"teacher_id": teacher_id, "dataset_id": dataset_id,
+                            "student": {**extra.pop("student", {}), "arch": student_arch}, "baseline": baseline}
+    if hyperparameters is not None:
+        body["hyperparameters"] = hyperparameters
+    if export_formats is not None:
+        body["export_formats"] = list(export_formats)
+    body.update(extra)
+    return body
 
 
 def _raise_for(response: httpx.Response) -> None:

@@ -16,7 +16,7 @@ from . import lifecycle
 from .api.errors import install_error_handlers
 from .api.guard import RequestGuard
 from .api.metrics import install_metrics
-from .api.routes import datasets, health, jobs, teachers
+from .api.routes import datasets, health, jobs, sweeps, teachers
 from .api.schemas import ERROR_RESPONSES
 from .api.uploads import UploadGuard, remove_orphaned_uploads
 from .db import session_scope
@@ -30,7 +30,8 @@ DESCRIPTION = """Distill small, fast student models from large teachers.
 
 Upload a teacher (`POST /v1/teachers`) and a dataset (`POST /v1/datasets`), create a job
 (`POST /v1/jobs`), poll it (`GET /v1/jobs/{id}`), and download the student
-(`GET /v1/jobs/{id}/artifacts/{name}`). Every error is JSON: `{"code", "message", "field"?}`.
+(`GET /v1/jobs/{id}/artifacts/{name}`). Search temperature, alpha and the method with a sweep
+(`POST /v1/sweeps`): its trials are ordinary jobs. Every error is JSON: `{"code", "message", "field"?}`.
 Authenticate with `Authorization: Bearer <api key>`."""
 
 
@@ -49,7 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestGuard, settings=settings)
     install_metrics(app, settings)
     app.include_router(health.router)
-    for module in (teachers, datasets, jobs):
+    for module in (teachers, datasets, jobs, sweeps):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     if settings.auth == "disabled":
         log.warning("API keys are switched off: every caller is tenant 'local'")
@@ -67,10 +68,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if isinstance(store, S3Store):
         await run_in_threadpool(store.ensure_bucket)
     sweeper = asyncio.create_task(_sweep(settings))
+    searcher = asyncio.create_task(_advance_searches(settings))
     try:
         yield
     finally:
         sweeper.cancel()
+        searcher.cancel()
 
 
 async def _sweep(settings: Settings) -> None:
@@ -85,6 +88,19 @@ async def _sweep(settings: Settings) -> None:
                 log.info("sweep: sent %d job(s) again, ended %d", len(swept.sent), len(swept.ended))
         except Exception:  # the sweep retries next time; the API keeps serving
             log.warning("the sweep failed; it runs again in %.0f s", settings.sweep_interval, exc_info=True)
+
+
+async def _advance_searches(settings: Settings) -> None:
+    """Hyperparameter sweeps (/v1/sweeps, app.searches), every search_interval: tell Optuna the trials that
+    ended, prune, start the next trials. Every API process runs it; a sweep's row lock keeps passes apart."""
+    from . import searches
+
+    while True:
+        await asyncio.sleep(settings.search_interval)
+        try:
+            await run_in_threadpool(searches.advance_running, settings)
+        except Exception:  # e.g. the database is down: the next pass retries
+            log.warning("advancing the sweeps failed; again in %.0f s", settings.search_interval, exc_info=True)
 
 
 def app_factory() -> FastAPI:

@@ -1,4 +1,4 @@
-"""ORM models: tenants and their API keys, teachers, datasets, jobs, job events and artifacts."""
+"""ORM models: tenants and their API keys, teachers, datasets, jobs, job events, artifacts and sweeps."""
 
 from __future__ import annotations
 
@@ -110,6 +110,8 @@ class Job(Base):
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
         Index("ix_jobs_status", "status"),
+        # one job per trial of a sweep: a driver that retries after a crash can never start a trial twice
+        Index("uq_jobs_sweep_trial", "sweep_id", "sweep_trial", unique=True),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
@@ -137,6 +139,9 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # a trial of a sweep (app.searches): the sweep and the trial's number in its Optuna study
+    sweep_id: Mapped[str | None] = mapped_column(ForeignKey("sweeps.id", ondelete="SET NULL"), default=None)
+    sweep_trial: Mapped[int | None] = mapped_column(Integer, default=None)
 
     artifacts: Mapped[list[Artifact]] = relationship(order_by="Artifact.name", lazy="selectin")
 
@@ -181,3 +186,36 @@ class Artifact(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     storage_key: Mapped[str] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SweepRecord(Base):
+    """A hyperparameter sweep (/v1/sweeps): an Optuna study whose trials are ordinary jobs (Job.sweep_id).
+
+    Named apart from app.lifecycle's recovery sweep; app.searches drives it."""
+
+    __tablename__ = "sweeps"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_sweeps_tenant_idempotency_key"),
+        Index("ix_sweeps_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_sweeps_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("swp"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(20), default="running")  # running, succeeded, failed, cancelled
+    request: Mapped[dict[str, Any]] = mapped_column()  # the whole POST body: base job request, space, limits
+    max_trials: Mapped[int] = mapped_column(Integer)
+    max_parallel: Mapped[int] = mapped_column(Integer)
+    metric: Mapped[str] = mapped_column(String(40))
+    # trials whose job was created; only ever grows, in the transaction that adds the job
+    trials_started: Mapped[int] = mapped_column(Integer, default=0)
+    best_job_id: Mapped[str | None] = mapped_column(String(40), default=None)
+    best_params: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    best_value: Mapped[float | None] = mapped_column(Float, default=None)
+    error_code: Mapped[str | None] = mapped_column(String(100), default=None)
+    error_message: Mapped[str | None] = mapped_column(Text, default=None)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), default=None)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    advanced_at: Mapped[datetime | None] = mapped_column(default=None)  # the driver's last pass (its row lock)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     # again (app.lifecycle). Together they bound recovery: 2 minutes by default.
     stale_after: float = Field(60.0, gt=0)
     sweep_interval: float = Field(60.0, gt=0)
+    # How often each API process advances the running hyperparameter sweeps (/v1/sweeps, app.searches): tells
+    # Optuna the trials that ended, prunes, starts the next trials. Not the recovery sweep above.
+    search_interval: float = Field(2.0, gt=0)
     cancel_grace: float = Field(15.0, ge=0)
     # Redis hands an unacknowledged message out again after this; recovery does not wait for it (the sweep
     # does it sooner), so it only has to outlast the longest job, or a running job would get a duplicate.

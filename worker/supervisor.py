@@ -168,6 +168,7 @@ class Supervisor:
             hyperparameters=req["hyperparameters"],
             export_formats=req["export_formats"],
             baseline=req.get("baseline", False),
+            max_export_accuracy_drop=req.get("max_export_accuracy_drop", 0.01),
             checks=Checks.model_validate(req.get("checks") or {}),
             output_dir=str(self.job_dir / "out"),
             checkpoint_dir=str(self.job_dir / "checkpoints"),

@@ -14,10 +14,11 @@ from pydantic import (
     ValidatorFunctionWrapHandler,
     field_serializer,
     field_validator,
+    model_validator,
 )
 from pydantic_core import InitErrorDetails
 
-from worker.distill.spec import Checks, ExportFormat, Hyperparameters, room_to_train
+from worker.distill.spec import AugmentMode, Checks, ExportFormat, Hyperparameters, room_to_train
 
 T = TypeVar("T")
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]  # app.lifecycle moves a job among them
@@ -82,7 +83,8 @@ class DataOptions(BaseModel):
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
     test_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
         0.0, description="carved from the labelled data when the dataset has no test split")
-    augment: bool = False
+    augment: AugmentMode = Field(False, description='true or "standard": random crop and flip; "consistent": '
+                                 "function matching, teacher and student see the same crop, flip and mixup/cutmix")
 
     @field_validator("test_fraction", mode="after")
     @classmethod
@@ -101,6 +103,8 @@ class JobCreate(BaseModel):
     hyperparameters: Hyperparameters = Hyperparameters()
     export_formats: Annotated[list[ExportFormat], Field(min_length=1)] = ["torchscript", "onnx"]
     baseline: bool = False
+    max_export_accuracy_drop: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.01, description="onnx_fp16 / onnx_int8 exports losing more accuracy than this are flagged in warnings")
     data: DataOptions = DataOptions()
     checks: Checks = Field(Checks(), description='{"teacher": "warn"} distills even when the teacher check fails')
     queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,50}$")] | None = Field(
@@ -203,6 +207,8 @@ class JobOut(_Out):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    sweep_id: str | None = Field(None, description="the sweep this job is a trial of, if any")
+    sweep_trial: int | None = Field(None, description="its trial number in that sweep")
 
 
 class EventOut(_Out):
@@ -216,3 +222,145 @@ class EventOut(_Out):
 class Page(BaseModel, Generic[T]):
     items: list[T]
     next_cursor: str | None = Field(None, description="pass as `after` to get the next page")
+
+
+# -- sweeps (/v1/sweeps) ----------------------------------------------------------------------------------
+SweepStatus = Literal["running", "succeeded", "failed", "cancelled"]
+TrialState = Literal["queued", "running", "complete", "pruned", "failed", "cancelled"]
+Distillation = Literal["soft", "hard", "dkd"]
+
+
+class FloatRange(BaseModel):
+    """A continuous dimension: Optuna samples a float in [low, high], on a log scale when `log`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatRange:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high}); for one value give a list")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0 (got {self.low})")
+        return self
+
+
+FloatDimension = Annotated[list[float], Field(min_length=1, max_length=100)] | FloatRange
+
+
+def _one_arm(v: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """Errors of the arm the value meant (a dict is a range, anything else a list), without pydantic's arm
+    names in the field, so that a bad `{"low": 0}` says `space.temperature.high: Field required`."""
+    try:
+        return handler(v)
+    except ValidationError as e:
+        def arm(p: Any) -> bool:
+            return isinstance(p, str) and ("FloatRange" in p if isinstance(v, dict) else p.startswith("list["))
+
+        errors = [err for err in e.errors() if any(arm(p) for p in err["loc"])] or e.errors()
+        raise ValidationError.from_exception_data(e.title, [InitErrorDetails(
+            type=err["type"], loc=tuple(p for p in err["loc"] if not arm(p)),
+            input=err["input"], ctx=err.get("ctx") or {}) for err in errors]) from None
+
+
+class SearchSpace(BaseModel):
+    """What a sweep searches: a list of values (categorical) or a range per hyperparameter; the others
+    keep the base request's value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: FloatDimension | None = None
+    alpha: FloatDimension | None = None
+    learning_rate: FloatDimension | None = None
+    distillation: Annotated[list[Distillation], Field(min_length=1)] | None = None
+    standardize: Annotated[list[bool], Field(min_length=1)] | None = Field(
+        None, description="searched only where the trial's distillation is not hard")
+
+    @field_validator("temperature", "alpha", "learning_rate", mode="wrap")
+    @classmethod
+    def _clean_errors(cls, v: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        return _one_arm(v, handler)
+
+    @field_validator("temperature", "alpha", "learning_rate", "distillation", "standardize")
+    @classmethod
+    def _unique(cls, v: Any) -> Any:
+        return list(dict.fromkeys(v)) if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> SearchSpace:
+        if not self.dimensions():
+            raise ValueError("the search space is empty; give at least one of temperature, alpha, learning_rate, "
+                             "distillation, standardize")
+        return self
+
+    def dimensions(self) -> dict[str, list[Any] | FloatRange]:
+        return {name: getattr(self, name) for name in type(self).model_fields if getattr(self, name) is not None}
+
+
+class PruningOptions(BaseModel):
+    """Median pruning on the per-epoch validation accuracy: a trial below the median of the completed trials
+    at the same epoch is cancelled."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    startup_trials: Annotated[int, Field(ge=0, le=1000)] = Field(
+        3, description="no pruning until this many trials completed")
+    warmup_epochs: Annotated[int, Field(ge=0, le=10_000)] = Field(
+        1, description="no trial is pruned during its first epochs")
+
+
+class SweepCreate(JobCreate):
+    """POST /v1/sweeps body: a job request (the trials' base) plus what to search and how far."""
+
+    space: SearchSpace
+    max_trials: Annotated[int, Field(ge=1, le=1000)] = 10
+    max_parallel: Annotated[int, Field(ge=1, le=100)] = Field(
+        2, description="trials running at once (above max_trials it is max_trials)")
+    metric: str = Field("validation_accuracy", description="what the sweep maximises; validation_accuracy: "
+                        "the student's validation accuracy at its chosen epoch (never the test split)")
+    sampler_seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = Field(0, description="seed of the TPE sampler")
+    pruning: PruningOptions = PruningOptions()
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if v != "validation_accuracy":
+            raise ValueError(f"unsupported metric {v!r}; sweeps maximise validation_accuracy (the student's "
+                             "validation accuracy at its chosen epoch) for now")
+        return v
+
+    def job_request(self) -> JobCreate:
+        """The base job request that every trial starts from."""
+        return JobCreate.model_validate(self.model_dump(include=set(JobCreate.model_fields)))
+
+
+class TrialOut(BaseModel):
+    number: int
+    job_id: str
+    state: TrialState
+    params: dict[str, Any]
+    value: float | None = Field(None, description="complete: the validation accuracy at the chosen epoch; "
+                                "pruned: the last one reported")
+    epochs: int = Field(0, description="per-epoch validation figures reported so far")
+
+
+class SweepOut(_Out):
+    id: str
+    status: SweepStatus
+    request: dict[str, Any]
+    metric: str
+    max_trials: int
+    max_parallel: int
+    trials_started: int
+    counts: dict[str, int] = Field(description="trials per state, and total")
+    trials: list[TrialOut] = Field([], description="oldest first; empty in listings")
+    best_job_id: str | None
+    best_params: dict[str, Any] | None
+    best_value: float | None
+    error: ErrorOut | None
+    created_at: datetime
+    finished_at: datetime | None

@@ -48,6 +48,7 @@ class EpochMetrics:
     seconds: float
     samples_per_s: float
     best: bool = False
+    train_loss_feature: float | None = None  # the weighted feature-distillation term, when one is used
     # sent again from a checkpoint on resume: a caller that missed it (its process died before recording it)
     # can fill the gap; one that has it already ignores it
     replayed: bool = False

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,16 +22,20 @@ from .data import DatasetSplits, load_dataset
 from .data.transforms import to_model_input
 from .efficiency import efficiency_report
 from .evaluation import split_report
-from .export import ExportedFile, export_student, sha256_file, write_metadata
+from .export import REDUCED_FORMATS, ExportedFile, export_student, sha256_file, write_metadata
+from .feature_distill import check_feature_teacher
 from .metrics import per_class_report
 from .preflight import preflight
 from .progress import Callbacks, EpochMetrics
+from .quantize import measure_exports
 from .spec import InputSpec, JobSpec, checkpoint_folder
 from .students import check_input_size, create_model
 from .teachers import LoadedTeacher, load_teacher
 from .trainer import TrainResult, TrainSetup, predict, resolve_device, resolve_precision, steps_in_epoch, train
 
 EXAMPLE_BATCH = 16
+CALIBRATION_IMAGES = 512  # ONNX Runtime's static quantization needs a few hundred representative images
+MEASURE_SAMPLES = 5000
 
 # torch.jit.load warns that TorchScript is deprecated; TorchScript teachers and exports are still supported.
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated.*", category=FutureWarning)
@@ -112,6 +117,7 @@ def run_job(spec: JobSpec, callbacks: Callbacks | None = None) -> RunResult:
              f"and {data.num_unlabeled} unlabeled training samples, {data.num_val} validation samples "
              f"({data.val_source}){test_note}", classes=data.classes)
     loaded = load_teacher(spec.teacher, device=device, allow_torchscript=spec.allow_torchscript_teacher)
+    check_feature_teacher(hp.feature_distillation, loaded.format)
     checked = preflight(loaded, data, mode=spec.checks.teacher, seed=hp.seed, callbacks=cb,
                         predict=lambda t, images: predict(t, images, t.input, device, amp_dtype))
     teacher = checked.teacher
@@ -149,11 +155,17 @@ def run_job(spec: JobSpec, callbacks: Callbacks | None = None) -> RunResult:
     metrics["epochs"] = hp.epochs
     metrics["resumed_from_epoch"] = result.resumed_from_epoch
     metrics["teacher_check"] = checked.check.to_dict() if checked.check is not None else None
+    metrics["notes"] = result.notes
     cb.event("score", _score_sentence(metrics), split=metrics["accuracy_split"])
 
     cb.phase("exporting")
     example = to_model_input(data.val.images[:EXAMPLE_BATCH], student_input)
-    files = export_student(student, example, out_dir, list(spec.export_formats), atol=spec.export_atol)
+    calibration = None
+    if "onnx_int8" in spec.export_formats:
+        pick = torch.randperm(len(data.train.images), generator=torch.Generator().manual_seed(hp.seed))
+        calibration = to_model_input(data.train.images[pick[:CALIBRATION_IMAGES]], student_input)
+    files = export_student(student, example, out_dir, list(spec.export_formats), atol=spec.export_atol,
+                           calibration=calibration)
     onnx_file = next((f.path for f in files if f.format == "onnx"), None)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".measure-") as work:
         metrics["efficiency"] = efficiency_report(
@@ -161,6 +173,13 @@ def run_job(spec: JobSpec, callbacks: Callbacks | None = None) -> RunResult:
             teacher_onnx=teacher.path if teacher.format == "onnx" else None, teacher_file=teacher.path,
             teacher_input=(teacher_input.channels, *teacher_input.size), student=student, student_onnx=onnx_file,
             student_input=(student_input.channels, *student_input.size), workdir=Path(work))
+    job_warnings = list(checked.warnings)
+    if set(REDUCED_FORMATS) & set(spec.export_formats):
+        metrics["exports"], export_warnings = measure_exports(
+            files, _measure_splits(data, student_input), max_drop=spec.max_export_accuracy_drop, student=student)
+        for w in export_warnings:
+            cb.event("warning", w["message"], code=w["code"])
+        job_warnings += export_warnings
     dataset = {"format": data.format, "num_train": data.num_train_labelled, "num_unlabeled": data.num_unlabeled,
                "num_val": data.num_val, "val_source": data.val_source, "num_test": data.num_test,
                "test_source": data.test_source}
@@ -175,7 +194,7 @@ def run_job(spec: JobSpec, callbacks: Callbacks | None = None) -> RunResult:
         "teacher": teacher.describe(),
         "metrics": metrics,
         "efficiency": metrics["efficiency"],
-        "warnings": checked.warnings,
+        "warnings": job_warnings,
         "hyperparameters": hp.model_dump(mode="json"),
         "dataset": dataset,
         "device": describe_device(device),
@@ -185,7 +204,14 @@ def run_job(spec: JobSpec, callbacks: Callbacks | None = None) -> RunResult:
     files.append(write_metadata(out_dir, metadata, files))
     return RunResult(metrics=metrics, files=files, history=history, device=describe_device(device),
                      output_dir=out_dir, seconds=time.monotonic() - started, teacher=teacher.describe(),
-                     dataset=dataset, warnings=checked.warnings)
+                     dataset=dataset, warnings=job_warnings)
+
+
+def _measure_splits(data: DatasetSplits, spec: InputSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Validation and test as the student sees them, for the reduced-precision exports; the first
+    MEASURE_SAMPLES of each keep large splits at 224 px from needing gigabytes (the report gives `samples`)."""
+    return {name: (to_model_input(part.images[:MEASURE_SAMPLES], spec).numpy(), part.labels[:MEASURE_SAMPLES].numpy())
+            for name, part in (("validation", data.val), ("test", data.test)) if part is not None}
 
 
 def _score(data: DatasetSplits, student: nn.Module, baseline: nn.Module | None, teacher: LoadedTeacher,

@@ -14,13 +14,14 @@ import torch
 from torch import nn
 
 from .data import ImageSet
-from .data.transforms import augment_batch, to_model_input
+from .data.transforms import augment_batch, mix_batch, to_model_input
 from .errors import Cancelled, ConfigError, DistillError, TeacherError
+from .feature_distill import attach_feature_taps
 from .losses import UNLABELED, DistillationLoss, inverse_frequency_weights
 from .metrics import accuracy, agreement, per_class_report, topk_accuracy
 from .progress import Callbacks, EpochMetrics, Progress, RateLimiter
 from .schedules import build_optimizer, build_scheduler
-from .spec import Hyperparameters, InputSpec
+from .spec import AugmentMode, Hyperparameters, InputSpec, augment_mode
 from .teachers import LoadedTeacher, check_finite
 
 EVAL_BATCH = 512
@@ -38,7 +39,7 @@ class TrainSetup:
     classes: list[str]
     teacher: LoadedTeacher | None  # None: train on labels alone (the baseline)
     device: torch.device
-    augment: bool = False
+    augment: AugmentMode = False  # False/"none", True/"standard" (crop, flip) or "consistent" (function matching)
     cache_teacher_logits: bool = True  # without augmentation, run the teacher once, not every step
     run: str = "student"
     checkpoint_path: Path | None = None
@@ -128,6 +129,8 @@ def train(setup: TrainSetup, hp: Hyperparameters, callbacks: Callbacks | None = 
     """Train `setup.student` (distilling from `setup.teacher` when given); return the best epoch's student."""
     cb = callbacks or Callbacks()
     dev, teacher, run = setup.device, setup.teacher, setup.run
+    mode = augment_mode(setup.augment)
+    notes: list[str] = []
     amp_dtype = resolve_precision(hp.precision, dev)
     torch.manual_seed(hp.seed)
     student = setup.student.to(dev)
@@ -154,19 +157,32 @@ def train(setup: TrainSetup, hp: Hyperparameters, callbacks: Callbacks | None = 
 
     class_weights = _class_weights(hp, labels_all, len(setup.classes))
     loss_fn = DistillationLoss(kind=hp.distillation, temperature=hp.temperature, alpha=hp.alpha,
-                               label_smoothing=hp.label_smoothing, class_weights=class_weights).to(dev)
+                               label_smoothing=hp.label_smoothing, class_weights=class_weights,
+                               standardize=hp.standardize, dkd_alpha=hp.dkd_alpha, dkd_beta=hp.dkd_beta,
+                               dkd_warmup=hp.dkd_warmup).to(dev)
     optimizer = build_optimizer(student, hp)
     scheduler = build_scheduler(optimizer, hp, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
 
     teacher_val = setup.teacher_val_logits
     teacher_cache = None
+    taps = None
+    if teacher is not None and hp.feature_distillation:
+        taps = attach_feature_taps(student, teacher, _example(setup, student_input=True),
+                                   _example(setup, student_input=False))
+        _note(cb, notes, f"feature distillation ({hp.feature_distillation} transfer, weight {hp.feature_weight:g}) "
+              f"pairs student stages {taps.student_nodes} with teacher stages {taps.teacher_nodes}; the teacher "
+              "runs on every training step")
+    if teacher is not None and mode == "consistent":
+        _note(cb, notes, "augment 'consistent' (function matching): teacher and student see the same crop, flip "
+              "and mixup/cutmix view, so the teacher runs on every training step and its logits are not cached "
+              "(about one teacher forward pass per student step)")
     if teacher is not None:
         if teacher_val is None:
             teacher_val = predict(teacher, setup.val.images, teacher.input, dev, amp_dtype)
             check_finite(teacher_val, "the validation images")
         teacher_val = teacher_val.to(dev)
-        if not setup.augment and setup.cache_teacher_logits:
+        if mode == "none" and setup.cache_teacher_logits and taps is None:
             # Inputs never change without augmentation, so the teacher's answers never do either.
             cb.event("info", "computing the teacher's logits once for the whole training set")
             teacher_cache = predict(teacher, setup.train.images, teacher.input, dev, amp_dtype)
@@ -190,8 +206,8 @@ def train(setup: TrainSetup, hp: Hyperparameters, callbacks: Callbacks | None = 
         # Seeds derive from the epoch so a run resumed at an epoch boundary replays exactly.
         gen = torch.Generator().manual_seed(hp.seed * 1_000_003 + epoch)
         torch.manual_seed(hp.seed * 1_000_003 + epoch)
-        student.train()
-        sums = torch.zeros(3, device=dev)
+        (taps.student if taps is not None else student).train()  # a tap's graph follows its own mode
+        sums = torch.zeros(4, device=dev)
         teacher_finite = torch.ones((), dtype=torch.bool, device=dev)  # checked per report: no sync per step
         seen, epoch_t0 = 0, time.monotonic()
         window_t0, window_n = epoch_t0, 0
@@ -199,10 +215,13 @@ def train(setup: TrainSetup, hp: Hyperparameters, callbacks: Callbacks | None = 
             if cb.is_cancelled():
                 raise Cancelled(f"{run} training was cancelled in epoch {epoch + 1}")
             batch = images[idx.to(data_dev)].to(dev, non_blocking=True)
-            if setup.augment:
+            if mode != "none":
                 batch = augment_batch(batch, gen)
             y = labels[idx.to(dev)]
-            t_logits = None
+            mixed = mix_batch(batch, gen) if mode == "consistent" else None
+            if mixed is not None:
+                batch = mixed.images
+            t_logits, t_feats = None, None
             if teacher is not None:
                 if teacher_cache is not None:
                     t_logits = teacher_cache[idx.to(dev)]
@@ -211,15 +230,22 @@ def train(setup: TrainSetup, hp: Hyperparameters, callbacks: Callbacks | None = 
                     if hp.channels_last and teacher.module is not None:
                         tx = tx.contiguous(memory_format=torch.channels_last)
                     with _autocast(dev, amp_dtype):
-                        t_logits = teacher.logits(tx).float()
+                        t_logits, t_feats = taps.teacher(tx) if taps is not None else (teacher.logits(tx), None)
+                    t_logits = t_logits.float()
                     teacher_finite &= torch.isfinite(t_logits).all()
             x = to_model_input(batch, setup.student_input)
             if hp.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(dev, amp_dtype):
-                parts = loss_fn(student(x), y, t_logits)
+                s_logits, s_feats = taps.student(x) if taps is not None else (student(x), None)
+                parts = loss_fn(s_logits, y, t_logits, epoch=epoch + (i + 1) / steps_per_epoch,
+                                mixed_labels=y[mixed.perm] if mixed is not None else None,
+                                lam=mixed.lam if mixed is not None else 1.0)
+                feature = (taps.loss(s_feats, t_feats) * hp.feature_weight if s_feats is not None
+                           else torch.zeros((), device=dev))
+            total = parts.total + feature
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(parts.total).backward()
+            scaler.scale(total).backward()
             if hp.grad_clip is not None:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(student.parameters(), hp.grad_clip)
@@ -228,7 +254,8 @@ def train(setup: TrainSetup, hp: Hyperparameters, callbacks: Callbacks | None = 
             scheduler.step()
 
             n = len(idx)
-            sums += torch.stack([parts.total.detach(), parts.distill.detach(), parts.label.detach()]).float() * n
+            sums += torch.stack([total.detach(), parts.distill.detach(), parts.label.detach(),
+                                 feature.detach()]).float() * n
             seen += n
             window_n += n
             step = epoch * steps_per_epoch + i + 1
@@ -267,7 +294,8 @@ def train(setup: TrainSetup, hp: Hyperparameters, callbacks: Callbacks | None = 
             teacher_top5=topk_accuracy(teacher_val, val_labels) if teacher_val is not None else None,
             agreement=agreement(logits, teacher_val) if teacher_val is not None else None,
             learning_rate=optimizer.param_groups[0]["lr"], seconds=epoch_seconds,
-            samples_per_s=seen / max(epoch_seconds, 1e-9), best=is_best)
+            samples_per_s=seen / max(epoch_seconds, 1e-9), best=is_best,
+            train_loss_feature=losses[3] if taps is not None else None)
         state.history.append(metrics)
         state.epoch = epoch + 1
         if setup.checkpoint_path is not None:
@@ -290,7 +318,18 @@ def train(setup: TrainSetup, hp: Hyperparameters, callbacks: Callbacks | None = 
                      agreement=agreement(logits, teacher_val))
     return TrainResult(best_epoch=state.best_epoch, history=state.history, metrics=final,
                        resumed_from_epoch=resumed_from,
-                       teacher_val_logits=teacher_val.cpu() if teacher_val is not None else None)
+                       teacher_val_logits=teacher_val.cpu() if teacher_val is not None else None, notes=notes)
+
+
+def _note(cb: Callbacks, notes: list[str], text: str) -> None:
+    notes.append(text)
+    cb.event("info", text)
+
+
+def _example(setup: TrainSetup, *, student_input: bool) -> torch.Tensor:
+    """Two training images as the student (or teacher) sees them: enough to trace feature shapes."""
+    spec = setup.student_input if student_input or setup.teacher is None else setup.teacher.input
+    return to_model_input(setup.train.images[:2], spec).to(setup.device)
 
 
 def _class_weights(hp: Hyperparameters, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:

@@ -6,19 +6,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from app import lifecycle
 from app.jobs import job_view, request_hash
-from app.models import Artifact, Dataset, Job, JobEvent, Teacher, new_id
-from app.queue import default_queue
+from app.models import Artifact, Job, JobEvent
 from app.storage import get_store
-from worker.distill.errors import DistillError, StudentError
-from worker.distill.label_map import match_classes
-from worker.distill.spec import InputSpec, config_error_from
-from worker.distill.students import check_input_size, model_info
+from app.submission import new_job
 
 from ..deps import SessionDep, SettingsDep, TenantDep
 from ..errors import ApiError, get_owned, not_found
@@ -32,38 +27,6 @@ MEDIA_TYPES = {"onnx": "application/onnx", "metadata": "application/json"}
 
 def _own_job(session: SessionDep, tenant_id: str, job_id: str) -> Job:
     return get_owned(session, Job, job_id, tenant_id)
-
-
-def _check_request(session: SessionDep, tenant_id: str, body: JobCreate) -> tuple[Teacher, Dataset]:
-    teacher = get_owned(session, Teacher, body.teacher_id, tenant_id, "teacher_id")
-    dataset = get_owned(session, Dataset, body.dataset_id, tenant_id, "dataset_id")
-    if teacher.classes:
-        # matched by name: a teacher may know more classes than the dataset, never fewer
-        try:
-            match_classes(teacher.classes, dataset.classes)
-        except DistillError as e:
-            raise ApiError(422, e.code, e.message, "dataset_id") from None
-    elif teacher.num_classes != dataset.num_classes:
-        raise ApiError(422, "class_count_mismatch", f"the teacher predicts {teacher.num_classes} classes but the "
-                       f"dataset has {dataset.num_classes} ({', '.join(dataset.classes[:5])}...); upload the "
-                       "teacher with `classes` (the names of its outputs) to distill a subset", "dataset_id")
-    try:
-        model_info(body.student.arch)
-        size = body.student.input_size or teacher.input_size[0]
-        check_input_size(body.student.arch, (size, size))
-        if body.student.mean is not None or body.student.std is not None:
-            InputSpec(channels=teacher.input_channels, size=size, mean=body.student.mean, std=body.student.std)
-    except StudentError as e:
-        raise ApiError(422, e.code, e.message, "student.arch" if e.code == "unknown_architecture" else
-                       "student.input_size") from None
-    except ValidationError as e:
-        err = config_error_from(e, prefix="student")
-        raise ApiError(422, "invalid_input_spec", err.message, err.field) from None
-    if body.hyperparameters.class_weights not in (None, "auto") and \
-            len(body.hyperparameters.class_weights) != dataset.num_classes:
-        raise ApiError(422, "invalid_hyperparameter", f"class_weights has {len(body.hyperparameters.class_weights)}"
-                       f" values; the dataset has {dataset.num_classes} classes", "hyperparameters.class_weights")
-    return teacher, dataset
 
 
 @router.post("", status_code=202, response_model=JobOut, summary="Create a distillation job",
@@ -80,13 +43,7 @@ def create_job(
         if existing is not None:
             response.headers["Location"] = f"/v1/jobs/{existing.id}"
             return _replay(existing, digest)
-    _check_request(session, tenant.id, body)
-    queue = body.queue or default_queue(session, settings)
-    job = Job(id=new_id("job"), tenant_id=tenant.id, teacher_id=body.teacher_id, dataset_id=body.dataset_id,
-              status="queued", queue=queue, request=request,
-              idempotency_key=idempotency_key, request_hash=digest)
-    session.add(job)
-    lifecycle.submitted(session, job)
+    job = new_job(session, settings, tenant.id, body, idempotency_key=idempotency_key)
     try:
         session.commit()
     except IntegrityError:  # a concurrent request with the same Idempotency-Key won the race
@@ -112,10 +69,14 @@ def _replay(job: Job, digest: str) -> dict[str, Any]:
 
 @router.get("", response_model=Page[JobOut], summary="List jobs, newest first")
 def list_jobs(session: SessionDep, tenant: TenantDep, status: JobStatus | None = None,
-              limit: Annotated[int, Query(ge=1, le=200)] = 50, after: str | None = None) -> dict[str, Any]:
+              limit: Annotated[int, Query(ge=1, le=200)] = 50, after: str | None = None,
+              sweep_id: Annotated[str | None, Query(max_length=40, description="only this sweep's trials")] = None,
+              ) -> dict[str, Any]:
     query = select(Job)
     if status is not None:
         query = query.where(Job.status == status)
+    if sweep_id is not None:
+        query = query.where(Job.sweep_id == sweep_id)
     items, cursor = page(session, query, Job, tenant_id=tenant.id, limit=limit, after=after)
     return {"items": [job_view(j) for j in items], "next_cursor": cursor}
 

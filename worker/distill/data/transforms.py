@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +35,41 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, *, hflip: bo
     # two gathers, rows then columns, do crop and flip at once and keep the NCHW layout
     out = padded.gather(2, rows.view(b, 1, h, 1).expand(b, c, h, w + 2 * pw))
     return out.gather(3, cols.view(b, 1, 1, w).expand(b, c, h, w))
+
+
+@dataclass
+class MixedBatch:
+    """`images` = lam * original + (1 - lam) * original[perm] (mixup), or original[perm] pasted into a box
+    covering 1 - lam of each image (cutmix); labels mix with the same lam."""
+
+    images: torch.Tensor
+    perm: torch.Tensor
+    lam: float
+    kind: str  # "mixup" or "cutmix"
+
+
+def mix_batch(images: torch.Tensor, generator: torch.Generator) -> MixedBatch:
+    """Mixup (Zhang et al. 2018) or cutmix (Yun et al. 2019), half the batches each, lam ~ Beta(1, 1).
+
+    The mixing function matching uses (Beyer et al. 2022, arXiv:2106.05237): one draw per batch, uint8 in and
+    out, all randomness from `generator` so a resumed epoch replays it.
+    """
+    b, _, h, w = images.shape
+    g = generator.device
+    perm = torch.randperm(b, generator=generator, device=g).to(images.device)
+    lam = float(torch.rand((), generator=generator, device=g))  # Beta(1, 1) is uniform
+    if float(torch.rand((), generator=generator, device=g)) < 0.5:
+        mixed = images.float() * lam + images[perm].float() * (1.0 - lam)
+        return MixedBatch(mixed.round_().clamp_(0, 255).to(torch.uint8), perm, lam, "mixup")
+    # a box of area (1 - lam) * h * w, centred anywhere, clipped at the borders; lam then follows the box
+    cut_h, cut_w = int(h * (1.0 - lam) ** 0.5), int(w * (1.0 - lam) ** 0.5)
+    cy = int(torch.randint(0, h, (), generator=generator, device=g))
+    cx = int(torch.randint(0, w, (), generator=generator, device=g))
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h - cut_h // 2, h)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w - cut_w // 2, w)
+    mixed = images.clone()
+    mixed[:, :, y0:y1, x0:x1] = images[perm][:, :, y0:y1, x0:x1]
+    return MixedBatch(mixed, perm, 1.0 - (y1 - y0) * (x1 - x0) / (h * w), "cutmix")
 
 
 def to_model_input(images: torch.Tensor, spec: InputSpec, *,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+import torch
 import torchvision
 from torch import nn
 
@@ -12,6 +14,7 @@ from ..errors import StudentError
 from .catalog import resolve_arch
 from .cifar import SMALL_MODELS
 from .stem import replace_first_conv
+from .timm_models import create_timm_model, is_timm_arch, timm_params
 from .weights import load_student_weights
 
 # Aux heads make train-mode forward return a namedtuple; students must always return plain logits.
@@ -30,6 +33,8 @@ def create_model(arch: str, *, num_classes: int, in_channels: int = 3,
     _check_args(num_classes, in_channels)
     if name in SMALL_MODELS:
         model = SMALL_MODELS[name](num_classes=num_classes, in_channels=in_channels)
+    elif is_timm_arch(name):
+        model = create_timm_model(name, num_classes=num_classes, in_channels=in_channels)
     else:
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes,
                                              **_EXTRA_KWARGS.get(name, {}))
@@ -38,6 +43,37 @@ def create_model(arch: str, *, num_classes: int, in_channels: int = 3,
     if weights is not None:
         load_student_weights(model, weights, arch=name)
     return model
+
+
+def model_params(arch: str, num_classes: int = 1000) -> int:
+    """Parameter count of `arch` with a `num_classes` head on 3-channel inputs; built on the meta device (no
+    memory, no init compute) where the architecture allows it, and cached."""
+    name = resolve_arch(arch)
+    _check_args(num_classes, 3)
+    if is_timm_arch(name):
+        return timm_params(name, num_classes)
+    return _params(name, num_classes)
+
+
+@cache
+def _params(name: str, num_classes: int) -> int:
+    try:
+        with torch.device("meta"):
+            model = create_model(name, num_classes=num_classes)
+    except (RuntimeError, NotImplementedError):  # torchvision's RegNets compute their widths with tensor values
+        # Their weights' meta has the 1000-class count (equal to a build's); regnet_y_128gf takes 2.6 GB and
+        # seconds to build on the CPU.
+        if num_classes == 1000 and (recorded := _recorded_params(name)) is not None:
+            return recorded
+        model = create_model(name, num_classes=num_classes)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _recorded_params(name: str) -> int | None:
+    try:
+        return int(torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"])
+    except (ValueError, AttributeError, KeyError):
+        return None
 
 
 def _check_args(num_classes: int, in_channels: int) -> None:
