@@ -439,6 +439,13 @@ def _report(job: dict[str, Any], out: Console) -> None:
                   soft_wrap=True)
 
 
+def _check_inputs(teacher: Path | None, teacher_id: str | None, dataset: Path | None, dataset_id: str | None) -> None:
+    if (teacher is None) == (teacher_id is None):
+        raise typer.BadParameter("give exactly one of --teacher FILE and --teacher-id ID", param_hint="--teacher")
+    if (dataset is None) == (dataset_id is None):
+        raise typer.BadParameter("give exactly one of --dataset FILE and --dataset-id ID", param_hint="--dataset")
+
+
 def _upload_inputs(client: Any, teacher: Path | None, teacher_id: str | None, dataset: Path | None,
                    dataset_id: str | None, teacher_form: dict[str, Any]) -> tuple[str, str]:
     """Upload the teacher and dataset files given (else take the ids given); the ids to submit with."""
@@ -493,10 +500,7 @@ def submit(
     api_key: ApiKey = None,
 ) -> None:
     """Submit a distillation job (uploading the teacher and dataset files first when given); print its id."""
-    if (teacher is None) == (teacher_id is None):
-        raise typer.BadParameter("give exactly one of --teacher FILE and --teacher-id ID", param_hint="--teacher")
-    if (dataset is None) == (dataset_id is None):
-        raise typer.BadParameter("give exactly one of --dataset FILE and --dataset-id ID", param_hint="--dataset")
+    _check_inputs(teacher, teacher_id, dataset, dataset_id)
     hyper = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
                                "temperature": temperature, "alpha": alpha, "distillation": distillation}.items()
              if v is not None}
@@ -742,10 +746,7 @@ def sweep_submit(
     api_key: ApiKey = None,
 ) -> None:
     """Start a sweep: the inputs of `kdistill submit` plus a search space; print its id."""
-    if (teacher is None) == (teacher_id is None):
-        raise typer.BadParameter("give exactly one of --teacher FILE and --teacher-id ID", param_hint="--teacher")
-    if (dataset is None) == (dataset_id is None):
-        raise typer.BadParameter("give exactly one of --dataset FILE and --dataset-id ID", param_hint="--dataset")
+    _check_inputs(teacher, teacher_id, dataset, dataset_id)
     search = _sweep_space(space, param)
     hyper = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size}.items() if v is not None}
     hyper.update(_hp_pairs(hp))
