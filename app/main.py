@@ -19,7 +19,7 @@ from .api.metrics import install_metrics
 from .api.routes import datasets, health, jobs, sweeps, teachers
 from .api.schemas import ERROR_RESPONSES
 from .api.uploads import UploadGuard, remove_orphaned_uploads
-from .db import session_scope
+from .db import database_unreachable, session_scope
 from .logs import setup_logging
 from .settings import Settings, get_settings
 from .storage import S3Store, get_store
@@ -86,8 +86,8 @@ async def _sweep(settings: Settings) -> None:
                     return lifecycle.sweep(s, settings)
             if swept := await run_in_threadpool(sweep):
                 log.info("sweep: sent %d job(s) again, ended %d", len(swept.sent), len(swept.ended))
-        except Exception:  # the sweep retries next time; the API keeps serving
-            log.warning("the sweep failed; it runs again in %.0f s", settings.sweep_interval, exc_info=True)
+        except Exception as e:  # the sweep retries next time; the API keeps serving
+            _log_loop_failure("the sweep", settings.sweep_interval, e)
 
 
 async def _advance_searches(settings: Settings) -> None:
@@ -99,8 +99,19 @@ async def _advance_searches(settings: Settings) -> None:
         await asyncio.sleep(settings.search_interval)
         try:
             await run_in_threadpool(searches.advance_running, settings)
-        except Exception:  # e.g. the database is down: the next pass retries
-            log.warning("advancing the sweeps failed; again in %.0f s", settings.search_interval, exc_info=True)
+        except Exception as e:  # e.g. the database is down: the next pass retries
+            _log_loop_failure("advancing the sweeps", settings.search_interval, e)
+
+
+def _log_loop_failure(what: str, interval: float, e: Exception) -> None:
+    """One line while the database is unreachable (every few seconds, an outage would flood the log with the
+    same traceback; and Python 3.11 builds a traceback's carets with `ast`, whose recursion counter is shared
+    by threads, so a traceback formatted here can break `ast` use in the main thread), a traceback otherwise."""
+    if database_unreachable(e):
+        log.warning("%s failed: the database is unreachable (%s); again in %.0f s", what, type(e).__name__,
+                    interval)
+    else:
+        log.warning("%s failed; again in %.0f s", what, interval, exc_info=True)
 
 
 def app_factory() -> FastAPI:
