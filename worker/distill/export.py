@@ -163,14 +163,7 @@ def _verify(fmt: str, runner: Callable[[Path, torch.Tensor], torch.Tensor], path
     """Reload and run the file on the example batch and on a smaller one (the batch axis is dynamic)."""
     worst = 0.0
     for x, ref in ((example, reference), (example[:1], reference[:1])):
-        try:
-            out = runner(path, x)
-        except Exception as e:  # a file we cannot run is as bad as a wrong one
-            raise ExportError(f"the {fmt} file could not be reloaded and run: {_first_line(e)}",
-                              code="export_failed") from None
-        if out.shape != ref.shape:
-            raise ExportError(f"the {fmt} file outputs shape {list(out.shape)} where the student outputs "
-                              f"{list(ref.shape)}; it was not published")
+        out = _run_checked(fmt, runner, path, x, ref)
         diff = float((out - ref).abs().max())
         worst = max(worst, diff)
         if not torch.allclose(out, ref, rtol=RTOL, atol=atol):
@@ -179,20 +172,27 @@ def _verify(fmt: str, runner: Callable[[Path, torch.Tensor], torch.Tensor], path
     return worst
 
 
+def _run_checked(fmt: str, runner: Callable[[Path, torch.Tensor], torch.Tensor], path: Path, x: torch.Tensor,
+                 ref: torch.Tensor) -> torch.Tensor:
+    """The file's output on `x`, or ExportError when it cannot run or its shape is not the student's."""
+    try:
+        out = runner(path, x)
+    except Exception as e:  # a file we cannot run is as bad as a wrong one
+        raise ExportError(f"the {fmt} file could not be reloaded and run: {_first_line(e)}",
+                          code="export_failed") from None
+    if out.shape != ref.shape:
+        raise ExportError(f"the {fmt} file outputs shape {list(out.shape)} where the student outputs "
+                          f"{list(ref.shape)}; it was not published")
+    return out
+
+
 def _verify_reduced(fmt: str, path: Path, example: torch.Tensor, reference: torch.Tensor) -> float:
     """Reload and run an fp16/int8 file on the example batch and on a batch of one: right shape, finite
     outputs, and the eager student's class on most rows. Returns the worst absolute logit difference."""
     worst = 0.0
     outputs = []
     for x, ref in ((example, reference), (example[:1], reference[:1])):
-        try:
-            out = _run_onnx(path, x).float()
-        except Exception as e:  # a file we cannot run is as bad as a wrong one
-            raise ExportError(f"the {fmt} file could not be reloaded and run: {_first_line(e)}",
-                              code="export_failed") from None
-        if out.shape != ref.shape:
-            raise ExportError(f"the {fmt} file outputs shape {list(out.shape)} where the student outputs "
-                              f"{list(ref.shape)}; it was not published")
+        out = _run_checked(fmt, _run_onnx, path, x, ref).float()
         if not torch.isfinite(out).all():
             raise ExportError(f"the {fmt} file outputs NaN or infinite logits; it was not published")
         worst = max(worst, float((out - ref).abs().max()))
