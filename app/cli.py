@@ -376,18 +376,19 @@ def _event_line(event: dict[str, Any]) -> str:
 
 
 def _watch(client: Any, job_id: str, timeout: float | None) -> dict[str, Any]:
-    """A live progress bar (and the job's events as they come) until the job ends."""
-    seen: dict[str, Any] = {"after": None, "since": time.monotonic(), "hinted": False}
+    """A live progress bar (and the job's events as they come) until the job ends: from the job's stream, or
+    by polling a server without one."""
+    started = time.monotonic()
+    deadline = None if timeout is None else started + timeout
+    seen: dict[str, Any] = {"after": None, "job": None, "hinted": False, "timed": False}
     columns = (TextColumn("[bold]{task.description:<10}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                TextColumn("{task.fields[info]}"), TextColumn("[cyan]{task.fields[eta]}"))
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("queued", total=1.0, info="", eta="")
 
         def show(job: dict[str, Any]) -> None:
-            for event in client.events(job_id, after=seen["after"]):
-                bar.console.print(_event_line(event), soft_wrap=True)
-                seen["after"] = event["id"]
-            if job["status"] == "queued" and not seen["hinted"] and time.monotonic() - seen["since"] > QUEUED_HINT:
+            seen["job"] = job
+            if job["status"] == "queued" and not seen["hinted"] and time.monotonic() - started > QUEUED_HINT:
                 seen["hinted"] = True
                 bar.console.print(f"[yellow]still queued after {QUEUED_HINT:.0f} s[/]: the workers may be busy, or "
                                   f"none serves queue {job['queue']!r} (`kdistill serve` runs one; `kdistill worker`)")
@@ -404,17 +405,53 @@ def _watch(client: Any, job_id: str, timeout: float | None) -> dict[str, Any]:
                        description=job.get("phase") or job["status"],
                        eta=f"ETA {_duration(eta)}" if eta is not None and job["status"] == "running" else "")
 
-        # Its own loop rather than client.wait: that reports changes only, and a job that stays queued
-        # still needs the hint below, and new events need printing.
-        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            job = client.get_job(job_id)
-            show(job)
-            if job["status"] in ("succeeded", "failed", "cancelled"):
+            # A job that stays queued gets the hint above, but a quiet stream says nothing: until the job is seen
+            # to leave the queue, follow it only until the hint is due.
+            timed = not seen["timed"] and not seen["hinted"]
+            until = min((t for t in (deadline, started + QUEUED_HINT if timed else None) if t is not None),
+                        default=None)
+            try:
+                job = _watch_updates(client, job_id, until, seen, show, bar.console, restart_on_start=timed)
+            except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    status = seen["job"]["status"] if seen["job"] else "queued"
+                    raise TimeoutError(f"job {job_id} is still {status} after {timeout} s") from None
+                seen["timed"] = True
+                if seen["job"] is not None:
+                    show(seen["job"])
+                continue
+            if job is not None:
                 return job
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout} s")
-            time.sleep(1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic())))
+            seen["timed"] = True  # the job left the queue: follow it without the hint's clock
+
+
+def _watch_updates(client: Any, job_id: str, until: float | None, seen: dict[str, Any], show: Any, out: Console, *,
+            restart_on_start: bool) -> dict[str, Any] | None:
+    """Show the job's updates until it ends (return it, as GET shows it), or until it runs when
+    `restart_on_start` (return None). TimeoutError at `until` (a monotonic time)."""
+    from contextlib import closing
+
+    timeout = None if until is None else max(0.0, until - time.monotonic())
+    job = seen["job"]
+    with closing(client.follow(job_id, after=seen["after"], timeout=timeout)) as updates:
+        for update in updates:
+            if update.kind in ("epoch", "event"):
+                out.print(_event_line(update.data), soft_wrap=True)
+                seen["after"] = update.id
+            elif update.kind == "job":
+                job = update.data
+                show(job)
+                if restart_on_start and job["status"] == "running":
+                    return None
+            elif update.kind == "progress" and job is not None:
+                job = {**job, "progress": update.data}
+                show(job)
+            elif update.kind == "end":
+                job = client.get_job(job_id)
+                show(job)
+                return job
+    raise RuntimeError(f"the updates of job {job_id} stopped before its end")  # follow() ends with `end`
 
 
 def _report(job: dict[str, Any], out: Console) -> None:

@@ -7,7 +7,9 @@
                                     input_channels=1, input_size=8, mean=[0.3], std=[0.37])
         dataset = kd.upload_dataset("digits.npz")
         job = kd.create_job(teacher["id"], dataset["id"], "resnet8", hyperparameters={"epochs": 5})
-        job = kd.wait(job["id"], timeout=600)
+        job = kd.wait(job["id"], timeout=600)       # follows the job's live stream
+        for update in kd.stream(job["id"]):         # or the stream itself: job, progress, epoch, event, end
+            print(update.kind, update.data)
         kd.download(job["id"], "student.onnx", "out/")
         sweep = kd.create_sweep(teacher["id"], dataset["id"], "resnet8", {"temperature": [2, 4, 8]}, max_trials=3)
         best = kd.wait_sweep(sweep["id"])["best_job_id"]
@@ -23,16 +25,25 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import httpx
+from httpx_sse import ServerSentEvent, SSEError, connect_sse
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = ("succeeded", "failed", "cancelled")
 CHUNK = 1 << 20
+# The server sends a keep-alive every 15 s: a stream silent for longer has lost its connection. It is also why
+# the last STREAM_SILENCE seconds before a timeout are polled: a read may block that long.
+STREAM_SILENCE = 20.0
+STREAM_RETRIES = 5  # reconnections in a row, without a message between them, before a stream is given up
+STREAM_BACKOFF = 0.5  # seconds before the first reconnection, doubled for each next one
+STREAM_MAX_BACKOFF = 4.0
 
 
 class KdistillError(Exception):
@@ -43,6 +54,93 @@ class KdistillError(Exception):
         super().__init__(f"{code}: {message}" + (f" (field {field})" if field else ""))
         self.status, self.code, self.message, self.field = status, code, message, field
         self.body = body or {}
+
+
+@dataclass(frozen=True)
+class JobUpdate:
+    """One message about a job: `kind` is the stream's event name (job, progress, epoch, event, end), `data` its
+    JSON (the job, its progress, an event, {"status"}), `id` the event id of epoch and event messages."""
+
+    kind: str
+    data: dict[str, Any]
+    id: int | None = None
+
+
+@dataclass
+class _Seen:
+    """What a follower of one job has passed on, so that a resumed stream or a poll repeats none of it."""
+
+    after: int | None = None  # the last event id
+    job: dict[str, Any] | None = None  # the last job, without its progress
+    progress: dict[str, Any] | None = None
+    ended: bool = False
+    messages: int = 0  # messages received, passed on or not
+
+    def fresh(self, update: JobUpdate) -> bool:
+        self.messages += 1
+        if update.kind == "job":
+            view = {k: v for k, v in update.data.items() if k != "progress"}
+            if view == self.job:
+                return False
+            self.job = view
+        elif update.kind == "progress":
+            if update.data == self.progress:
+                return False
+            self.progress = update.data
+        elif update.id is not None:
+            if self.after is not None and update.id <= self.after:
+                return False
+            self.after = update.id
+        elif update.kind == "end":
+            self.ended = True
+        return True
+
+
+class _PollNow(Exception):
+    """Fewer than STREAM_SILENCE seconds are left before the caller's timeout: poll the rest."""
+
+
+def _check_clock(deadline: float | None) -> None:
+    if deadline is not None and deadline - time.monotonic() < STREAM_SILENCE:
+        raise _PollNow
+
+
+class _Clocked(httpx.SyncByteStream):
+    """A stream's body that checks the clock at every chunk, keep-alives included: a quiet stream hands control
+    back at least every 15 s, and a read blocks at most STREAM_SILENCE s, so a timeout holds."""
+
+    def __init__(self, inner: Any, deadline: float) -> None:
+        self._inner, self._deadline = inner, deadline
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._inner:
+            _check_clock(self._deadline)
+            yield chunk
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def _update(sse: ServerSentEvent) -> JobUpdate:
+    try:
+        data = sse.json() if sse.data else {}
+    except ValueError as e:
+        raise KdistillError(0, "invalid_stream", f"a {sse.event!r} message that is not JSON: {sse.data[:200]!r}") \
+            from e
+    # SSE keeps the last id for every later message; it names only the epoch or event that set it
+    numbered = sse.event in ("epoch", "event") and sse.id.isascii() and sse.id.isdigit()
+    return JobUpdate(sse.event, data if isinstance(data, dict) else {"value": data},
+                     int(sse.id) if numbered else None)
+
+
+def _job_updates(job: dict[str, Any], events: list[dict[str, Any]]) -> Iterator[JobUpdate]:
+    """A polled job as the messages its stream sends, in the stream's order: job, events, progress, end."""
+    yield JobUpdate("job", job)
+    for event in events:
+        yield JobUpdate("epoch" if event["kind"] == "epoch" else "event", event, event["id"])
+    yield JobUpdate("progress", job.get("progress") or {})
+    if job["status"] in TERMINAL:
+        yield JobUpdate("end", {"status": job["status"]})
 
 
 def _names(v: Sequence[str] | str | None) -> str | None:
@@ -182,21 +280,121 @@ class Client:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._json("POST", f"/v1/jobs/{job_id}/cancel")
 
+    def stream(self, job_id: str, *, after: int | None = None) -> Generator[JobUpdate, None, None]:
+        """The job's live stream (GET /v1/jobs/{id}/stream) until its `end` message: the job, its progress and
+        its events after event id `after`. A dropped connection is resumed after the last event seen (up to
+        STREAM_RETRIES times in a row); an error answer raises KdistillError (404/405: an older server)."""
+        return self._stream(job_id, _Seen(after=after), None)
+
+    def follow(self, job_id: str, *, after: int | None = None, timeout: float | None = None,
+               poll: float = 1.0) -> Generator[JobUpdate, None, None]:
+        """The job's updates, as `stream` gives them, until it ends; from a server without the stream (or
+        whose stream keeps failing), and for the last STREAM_SILENCE s of a `timeout`, by polling every `poll`
+        s. Raises TimeoutError after `timeout` s."""
+        return self._follow(job_id, _Seen(after=after), timeout, poll, events=True)
+
     def wait(self, job_id: str, *, timeout: float | None = None, poll: float = 1.0,
              on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Poll until the job is succeeded, failed or cancelled and return it; `on_progress(job)` on the
-        first poll and then whenever its status, phase or progress changed. Raises TimeoutError after
-        `timeout` seconds (None: no limit)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """Follow the job until it is succeeded, failed or cancelled and return it; `on_progress(job)` on the
+        first look and then whenever its status, phase or progress changed. The changes come over the job's
+        stream (as often as the server looks, its KDISTILL_STREAM_INTERVAL); a server without one is polled
+        every `poll` s. Raises TimeoutError after `timeout` seconds (None: no limit)."""
         last: tuple[Any, ...] | None = None
-        while True:
-            job = self.get_job(job_id)
+
+        def report(job: dict[str, Any]) -> None:
+            nonlocal last
             seen = _changes(job)
             if on_progress is not None and seen != last:
                 on_progress(job)
             last = seen
-            if job["status"] in TERMINAL:
-                return job
+
+        job: dict[str, Any] | None = None
+        with closing(self._follow(job_id, _Seen(), timeout, poll, events=False)) as updates:
+            for update in updates:
+                if update.kind == "job":
+                    job = update.data
+                elif update.kind == "progress" and job is not None:
+                    job = {**job, "progress": update.data}
+                elif update.kind == "end":
+                    break
+                else:
+                    continue
+                report(job)
+        job = self.get_job(job_id)  # the final job exactly as GET /v1/jobs/{id} shows it
+        report(job)
+        return job
+
+    def _follow(self, job_id: str, seen: _Seen, timeout: float | None, poll: float,
+                events: bool) -> Generator[JobUpdate, None, None]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            yield from self._stream(job_id, seen, deadline)
+            return
+        except _PollNow:
+            pass
+        except KdistillError:
+            pass  # an older server (404/405) or a stream that keeps failing: polling tells what is wrong, if anything
+        yield from self._poll(job_id, seen, deadline, timeout, poll, events)
+
+    def _stream(self, job_id: str, seen: _Seen, deadline: float | None) -> Generator[JobUpdate, None, None]:
+        failures = 0
+        while True:
+            _check_clock(deadline)
+            received = seen.messages
+            try:
+                yield from self._connection(job_id, seen, deadline)
+                if seen.ended:
+                    return
+                error = KdistillError(0, "stream_interrupted",
+                                      f"the server closed the stream of job {job_id} before the job ended")
+            except httpx.TransportError as e:  # read timeouts included: not even a keep-alive came
+                error = self._unreachable(e)
+            except KdistillError as e:
+                if e.status < 500:
+                    raise
+                error = e
+            # Retry only a stream that worked: a server that never streamed is for the caller to judge.
+            if seen.messages == 0:
+                raise error
+            failures = 1 if seen.messages > received else failures + 1
+            if failures > STREAM_RETRIES:
+                raise error
+            pause = min(STREAM_BACKOFF * 2 ** (failures - 1), STREAM_MAX_BACKOFF)
+            time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
+
+    def _connection(self, job_id: str, seen: _Seen, deadline: float | None) -> Iterator[JobUpdate]:
+        """One connection to the stream: its new messages until it closes."""
+        t = self._http.timeout
+        timeout = httpx.Timeout(connect=t.connect, read=STREAM_SILENCE, write=t.write, pool=t.pool)
+        params = {"after": seen.after} if seen.after is not None else None
+        with connect_sse(self._http, "GET", f"/v1/jobs/{job_id}/stream", params=params, timeout=timeout) as source:
+            response = source.response
+            if response.is_error:
+                response.read()
+                _raise_for(response)
+            if deadline is not None:
+                response.stream = _Clocked(response.stream, deadline)
+            try:
+                for sse in source.iter_sse():
+                    update = _update(sse)
+                    if seen.fresh(update):
+                        yield update
+                    if update.kind == "end":
+                        return
+            except SSEError as e:
+                raise KdistillError(response.status_code, "not_a_stream", f"GET /v1/jobs/{job_id}/stream: {e}") \
+                    from e
+
+    def _poll(self, job_id: str, seen: _Seen, deadline: float | None, timeout: float | None, poll: float,
+              events: bool) -> Iterator[JobUpdate]:
+        """The updates of the stream, from GET /v1/jobs/{id} (and its events) every `poll` s."""
+        while True:
+            job = self.get_job(job_id)
+            for update in _job_updates(job, self.events(job_id, after=seen.after) if events else []):
+                if seen.fresh(update):
+                    yield update
+            if seen.ended:
+                return
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout} s")
             time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))

@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from worker.sandbox import log_protections_once, make_undumpable
@@ -16,7 +17,7 @@ from . import lifecycle
 from .api.errors import install_error_handlers
 from .api.guard import RequestGuard
 from .api.metrics import install_metrics
-from .api.routes import datasets, health, jobs, sweeps, teachers
+from .api.routes import catalog, datasets, health, jobs, sweeps, teachers, ui
 from .api.schemas import ERROR_RESPONSES
 from .api.uploads import UploadGuard, remove_orphaned_uploads
 from .db import database_unreachable, session_scope
@@ -41,7 +42,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     make_undumpable()
     for d in (settings.data_dir, settings.tmp_dir):
         d.mkdir(parents=True, exist_ok=True)
-    app = FastAPI(title="kdistill", version="1", description=DESCRIPTION, lifespan=_lifespan)
+    # Swagger UI and ReDoc from files inside the wheel (fastapi-offline), not a CDN: internal networks are
+    # often offline, and the docs must work there
+    # (ReDoc's page is app.api.routes.ui's, on the same files.)
+    app = FastAPIOffline(title="kdistill", version="1", description=DESCRIPTION, lifespan=_lifespan,
+                         static_url=ui.DOCS_ASSETS, redoc_url=None)
     app.state.settings = settings
     install_error_handlers(app)
     # The last added runs first: metrics see every request, the guard (Host, Origin, API key) refuses before
@@ -50,7 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestGuard, settings=settings)
     install_metrics(app, settings)
     app.include_router(health.router)
-    for module in (teachers, datasets, jobs, sweeps):
+    ui.install(app)
+    for module in (teachers, datasets, jobs, sweeps, catalog):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     if settings.auth == "disabled":
         log.warning("API keys are switched off: every caller is tenant 'local'")

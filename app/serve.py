@@ -216,6 +216,7 @@ def _banner(url: str, data_dir: Path, settings: Settings, auth_mode: str, host: 
     lines = [
         "",
         f"  kdistill is serving at {url}",
+        f"  dashboard:  {url}/ui/   (open it in a browser: submit, watch, download)",
         f"  API docs:   {url}/docs",
         f"  data dir:   {data_dir}",
         f"  database:   {_redact(db_url)}",

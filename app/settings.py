@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     # How often each API process advances the running hyperparameter sweeps (/v1/sweeps, app.searches): tells
     # Optuna the trials that ended, prunes, starts the next trials. Not the recovery sweep above.
     search_interval: float = Field(2.0, gt=0)
+    # How often a live stream (GET /v1/jobs/{id}/stream) looks at its job in the database.
+    stream_interval: float = Field(1.0, gt=0)
     cancel_grace: float = Field(15.0, ge=0)
     # Redis hands an unacknowledged message out again after this; recovery does not wait for it (the sweep
     # does it sooner), so it only has to outlast the longest job, or a running job would get a duplicate.

@@ -8,6 +8,7 @@ import torch
 from scipy.stats import binomtest
 
 from worker.distill.evaluation import mcnemar_p_value, paired_gain_interval, split_report, wilson_interval
+from worker.distill.metrics import confusion_matrix, per_class_report
 
 
 @pytest.mark.parametrize(("k", "n", "lo", "hi"), [
@@ -62,3 +63,15 @@ def test_split_report_scores_each_model_on_the_same_labels():
     assert r["distillation_helped"] is (lo > 0)
     alone = split_report(y, student)
     assert "gain" not in alone and "teacher_accuracy" not in alone
+
+
+def test_confusion_matrix_and_per_class_report_count_by_hand():
+    # labels 0 0 1 1 2; predictions 0 1 1 1 0
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    logits = torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 1, 0]), 3).float()
+    assert confusion_matrix(logits, labels, 3).tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    report = per_class_report(logits, labels, ["a", "b", "c"])
+    assert report == [
+        {"class": "a", "precision": 0.5, "recall": 0.5, "support": 2},
+        {"class": "b", "precision": 2 / 3, "recall": 1.0, "support": 2},
+        {"class": "c", "precision": None, "recall": 0.0, "support": 1}]  # never predicted: no precision

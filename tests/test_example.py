@@ -107,8 +107,14 @@ def test_the_readme_commands_distil_a_student_that_beats_chance_and_its_baseline
         assert (out / name).is_file(), f"README.md says `kdistill run` writes {name}"
 
     m = json.loads((out / "metadata.json").read_text())["metrics"]
-    print({k: v for k, v in m.items() if k != "per_class"})
+    print({k: v for k, v in m.items() if k not in ("per_class", "confusion")})
     assert m["student_accuracy"] >= 0.9, m  # 10 classes: chance is 0.1
+    # the confusion matrix is of the split the top-level figures come from: its diagonal is that accuracy
+    confusion = np.array(m["confusion"]["matrix"])
+    assert m["confusion"]["split"] == m["accuracy_split"] == "test" and confusion.shape == (10, 10)
+    assert confusion.sum() == m["test"]["n"]
+    assert np.trace(confusion) / confusion.sum() == pytest.approx(m["student_accuracy"])
+    assert [c["support"] for c in m["per_class"]] == confusion.sum(axis=1).tolist()
     assert m["student_accuracy"] > m["baseline_accuracy"], m  # distillation beats the same student on labels alone
 
     # the exported file on the 540 held-out images no run has seen

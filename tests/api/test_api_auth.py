@@ -18,6 +18,9 @@ PROTECTED = [
     ("GET", "/v1/jobs/job_000000000000000000000000/events"),
     ("POST", "/v1/jobs/job_000000000000000000000000/cancel"),
     ("GET", "/v1/jobs/job_000000000000000000000000/artifacts/student.onnx"),
+    ("GET", "/v1/jobs/job_000000000000000000000000/stream"),
+    ("GET", "/v1/me"),
+    ("GET", "/v1/students"),
 ]
 
 

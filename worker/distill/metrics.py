@@ -1,4 +1,5 @@
-"""Classification metrics computed from logits: accuracy, top-k, agreement, per-class precision/recall."""
+"""Classification metrics computed from logits: accuracy, top-k, agreement, per-class precision/recall, the
+confusion matrix."""
 
 from __future__ import annotations
 
@@ -22,11 +23,15 @@ def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> flo
     return float((student_logits.argmax(dim=1) == teacher_logits.argmax(dim=1)).float().mean())
 
 
+def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts of (true class, predicted class): rows are labels, columns predictions."""
+    k = num_classes
+    return torch.bincount(labels * k + logits.argmax(dim=1), minlength=k * k).reshape(k, k)
+
+
 def per_class_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> list[dict]:
     """Precision, recall and support per class; precision is None for a class never predicted."""
-    pred = logits.argmax(dim=1)
-    k = len(classes)
-    confusion = torch.bincount(labels * k + pred, minlength=k * k).reshape(k, k)
+    confusion = confusion_matrix(logits, labels, len(classes))
     tp = confusion.diag().double()
     predicted = confusion.sum(dim=0).double()
     support = confusion.sum(dim=1).double()

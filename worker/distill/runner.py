@@ -24,7 +24,7 @@ from .efficiency import efficiency_report
 from .evaluation import split_report
 from .export import REDUCED_FORMATS, ExportedFile, export_student, sha256_file, write_metadata
 from .feature_distill import check_feature_teacher
-from .metrics import per_class_report
+from .metrics import confusion_matrix, per_class_report
 from .preflight import preflight
 from .progress import Callbacks, EpochMetrics
 from .quantize import measure_exports
@@ -222,7 +222,7 @@ def _score(data: DatasetSplits, student: nn.Module, baseline: nn.Module | None, 
         return predict(model, images, spec, device, amp_dtype)
 
     splits: dict[str, dict[str, Any] | None] = {"validation": None, "test": None}
-    per_class = None
+    per_class = confusion = None
     for name, part in (("validation", data.val), ("test", data.test)):
         if part is None:
             continue
@@ -233,6 +233,8 @@ def _score(data: DatasetSplits, student: nn.Module, baseline: nn.Module | None, 
         b_logits = logits(baseline, part.images, student_input) if baseline is not None else None
         splits[name] = split_report(part.labels, s_logits, t_logits, b_logits)
         per_class = per_class_report(s_logits.cpu(), part.labels, data.classes)
+        confusion = {"split": name, "classes": data.classes,
+                     "matrix": confusion_matrix(s_logits.cpu(), part.labels, len(data.classes)).tolist()}
     reported = "test" if splits["test"] is not None else "validation"
     top = splits[reported] or {}
     metrics: dict[str, Any] = {k: top.get(k) for k in (
@@ -240,7 +242,7 @@ def _score(data: DatasetSplits, student: nn.Module, baseline: nn.Module | None, 
         "agreement", "baseline_accuracy", "baseline_accuracy_ci", "gain", "gain_ci", "gain_p_value")
         if k in top}
     metrics |= {"accuracy_split": reported, "validation": splits["validation"], "test": splits["test"],
-                "best_epoch": result.best_epoch, "per_class": per_class,
+                "best_epoch": result.best_epoch, "per_class": per_class, "confusion": confusion,
                 "teacher_top5": result.metrics.get("teacher_top5")}
     if base is not None:
         metrics["baseline_best_epoch"] = base.best_epoch

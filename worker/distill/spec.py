@@ -128,40 +128,51 @@ class DataSpec(_Strict):
 
 
 class Hyperparameters(_Strict):
-    """Training and distillation settings; the names are part of the public API contract."""
+    """Training and distillation settings; the names are part of the public API contract. Each description is
+    the one-line help the dashboard and the OpenAPI document show."""
 
-    epochs: Annotated[int, Field(ge=1, le=10_000)] = 10
-    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 128
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    learning_rate: Annotated[float, Field(gt=0, le=10)] = 0.05
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    nesterov: bool = False
-    weight_decay: Annotated[float, Field(ge=0, le=1)] = 5e-4
-    scheduler: Literal["cosine", "step", "onecycle", "constant"] = "cosine"
-    warmup_epochs: Annotated[float, Field(ge=0)] = 0.0
-    step_size: Annotated[int, Field(ge=1)] = 30  # epochs between decays of the step schedule
-    gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
-    grad_clip: Annotated[float, Field(gt=0)] | None = None
-    temperature: Annotated[float, Field(gt=0, le=100)] = 4.0
-    alpha: Annotated[float, Field(ge=0, le=1)] = 0.9
-    distillation: Literal["soft", "hard", "dkd"] = "soft"
-    # z-score both logit vectors before the temperature softmax (soft and dkd only; Sun et al. 2024)
-    standardize: bool = False
-    dkd_alpha: Annotated[float, Field(ge=0, le=100)] = 1.0  # weight of DKD's target-class term
-    dkd_beta: Annotated[float, Field(ge=0, le=100)] = 8.0  # weight of DKD's non-target term
-    dkd_warmup: Annotated[float, Field(ge=0, le=10_000)] = 1.0  # epochs over which DKD's weight ramps 0 to 1
-    # a feature-based term beside the logit one; needs a teacher given as a registry architecture
-    feature_distillation: Literal["attention"] | None = None
+    epochs: Annotated[int, Field(ge=1, le=10_000, description="passes over the training set")] = 10
+    batch_size: Annotated[int, Field(ge=1, le=65_536, description="samples per optimiser step")] = 128
+    optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="sgd (with momentum), adam or adamw")
+    learning_rate: Annotated[float, Field(gt=0, le=10, description="peak learning rate of the schedule")] = 0.05
+    momentum: Annotated[float, Field(ge=0, lt=1, description="SGD momentum (sgd only)")] = 0.9
+    nesterov: bool = Field(False, description="Nesterov momentum (sgd only)")
+    weight_decay: Annotated[float, Field(ge=0, le=1, description="L2 penalty on the weights")] = 5e-4
+    scheduler: Literal["cosine", "step", "onecycle", "constant"] = Field(
+        "cosine", description="how the learning rate changes over the epochs")
+    warmup_epochs: Annotated[float, Field(ge=0, description="epochs of linear warm-up before the schedule")] = 0.0
+    step_size: Annotated[int, Field(ge=1, description="epochs between decays (step schedule)")] = 30
+    gamma: Annotated[float, Field(gt=0, le=1, description="factor of each decay (step schedule)")] = 0.1
+    grad_clip: Annotated[float, Field(gt=0)] | None = Field(None, description="clip the gradient norm to this; empty: "
+                                                            "no clipping")
+    temperature: Annotated[float, Field(gt=0, le=100, description="softens both output distributions; the "
+                                        "distillation term is scaled by its square (Hinton et al. 2015)")] = 4.0
+    alpha: Annotated[float, Field(ge=0, le=1, description="weight of the distillation term; 1 - alpha goes to the "
+                                  "labels' cross-entropy")] = 0.9
+    distillation: Literal["soft", "hard", "dkd"] = Field(
+        "soft", description="soft: KL to the teacher's softened outputs; hard: cross-entropy on its argmax; dkd: "
+        "decoupled KD (Zhao et al. 2022)")
+    standardize: bool = Field(False, description="z-score both logit vectors before the softmax (soft and dkd; "
+                              "Sun et al. 2024)")
+    dkd_alpha: Annotated[float, Field(ge=0, le=100, description="DKD: weight of the target-class term")] = 1.0
+    dkd_beta: Annotated[float, Field(ge=0, le=100, description="DKD: weight of the non-target term")] = 8.0
+    dkd_warmup: Annotated[float, Field(ge=0, le=10_000, description="DKD: epochs over which its weight ramps from "
+                                       "0 to 1")] = 1.0
+    feature_distillation: Literal["attention"] | None = Field(
+        None, description="attention: also match the teacher's attention maps (needs a teacher given as a "
+        "registry architecture); empty: logits only")
     # RepDistiller uses 1000 on 32x32 CIFAR; the term grows as the maps shrink (it is a mean over their cells),
     # and 1000 swamps the logit term on 8x8 images (0.64 vs 0.98 held-out on digits), while 100 matches it
-    feature_weight: Annotated[float, Field(ge=0, le=1e6)] = 100.0
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    # per-class weights of the label cross-entropy ("auto": inverse class frequency)
-    class_weights: Literal["auto"] | list[float] | None = None
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: bool = False
-    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    feature_weight: Annotated[float, Field(ge=0, le=1e6, description="weight of the feature term")] = 100.0
+    label_smoothing: Annotated[float, Field(ge=0, lt=1, description="label smoothing of the labels' "
+                                            "cross-entropy")] = 0.0
+    class_weights: Literal["auto"] | list[float] | None = Field(
+        None, description='per-class weights of the labels\' cross-entropy; "auto": inverse class frequency')
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="training precision; auto: bf16 or fp16 on a GPU that has it, fp32 on the CPU")
+    channels_last: bool = Field(False, description="channels-last memory format (faster convolutions on GPUs)")
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1, description="seed of every random choice of the run")] = 0
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
 
     @field_validator("device")
     @classmethod

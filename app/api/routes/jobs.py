@@ -1,15 +1,21 @@
-"""/v1/jobs: create (checked now, not later), list, read, events, cancel, artifact downloads."""
+"""/v1/jobs: create (checked now, not later), list, read, events, a live stream, cancel, artifact downloads."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
 
 from app import lifecycle
+from app.db import database_unreachable, session_scope
+from app.job_stream import JobWatch
 from app.jobs import job_view, request_hash
 from app.models import Artifact, Job, JobEvent
 from app.storage import get_store
@@ -99,6 +105,45 @@ def job_events(job_id: str, session: SessionDep, tenant: TenantDep,
     more = len(items) > limit
     items = items[:limit]
     return {"items": items, "next_cursor": str(items[-1].id) if more else None}
+
+
+def _check_owner(job_id: str, settings: SettingsDep, tenant: TenantDep) -> None:
+    # its own short session: the stream that follows must not hold a database connection for its lifetime
+    with session_scope(settings.resolved_database_url) as session:
+        _own_job(session, tenant.id, job_id)
+
+
+@router.get("/{job_id}/stream", response_class=EventSourceResponse, dependencies=[Depends(_check_owner)],
+            summary="Follow a job live (server-sent events)",
+            description="`job`: the whole job, first and whenever anything but its progress changes; `progress`: on "
+            "each change; `epoch` (per-epoch metrics) and `event` (the rest of the timeline), each with the event "
+            "id as SSE `id`: every past one first, then as they come; `end` once the job is final, then the "
+            "stream closes. Resume with `after` (or the `Last-Event-ID` header) to skip the events already seen.")
+async def stream_job(
+    job_id: str, request: Request, settings: SettingsDep,
+    after: Annotated[int | None, Query(ge=0, le=MAX_EVENT_ID, description="the last event id seen")] = None,
+    last_event_id: Annotated[str | None, Header(max_length=30)] = None,
+) -> AsyncIterator[ServerSentEvent]:
+    resumed = int(last_event_id) if last_event_id and last_event_id.isascii() and last_event_id.isdigit() else None
+    seen = [v for v in (after, resumed) if v is not None and v <= MAX_EVENT_ID]
+    watch = JobWatch(job_id, after=max(seen) if seen else None)
+
+    def poll() -> list[ServerSentEvent]:
+        with session_scope(settings.resolved_database_url) as session:
+            return watch.poll(session)
+
+    while True:
+        try:
+            messages = await run_in_threadpool(poll)
+        except Exception as e:  # a database outage pauses the stream; the client keeps its connection
+            if not database_unreachable(e):
+                raise
+            messages = []
+        for message in messages:
+            yield message
+        if watch.ended or await request.is_disconnected():
+            return
+        await asyncio.sleep(settings.stream_interval)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a job",

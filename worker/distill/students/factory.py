@@ -49,24 +49,34 @@ def model_params(arch: str, num_classes: int = 1000) -> int:
     """Parameter count of `arch` with a `num_classes` head on 3-channel inputs; built on the meta device (no
     memory, no init compute) where the architecture allows it, and cached."""
     name = resolve_arch(arch)
+    count = cheap_params(name, num_classes)
+    return count if count is not None else _built_params(name, num_classes)
+
+
+def cheap_params(arch: str, num_classes: int = 1000) -> int | None:
+    """model_params where it needs no real build, else None: a listing of every architecture (the API's
+    /v1/students) must not build regnet_y_128gf (2.6 GB, seconds of CPU) to show one number."""
+    name = resolve_arch(arch)
     _check_args(num_classes, 3)
     if is_timm_arch(name):
         return timm_params(name, num_classes)
-    return _params(name, num_classes)
+    return _meta_params(name, num_classes)
 
 
 @cache
-def _params(name: str, num_classes: int) -> int:
+def _meta_params(name: str, num_classes: int) -> int | None:
     try:
         with torch.device("meta"):
             model = create_model(name, num_classes=num_classes)
     except (RuntimeError, NotImplementedError):  # torchvision's RegNets compute their widths with tensor values
-        # Their weights' meta has the 1000-class count (equal to a build's); regnet_y_128gf takes 2.6 GB and
-        # seconds to build on the CPU.
-        if num_classes == 1000 and (recorded := _recorded_params(name)) is not None:
-            return recorded
-        model = create_model(name, num_classes=num_classes)
+        # Their weights' meta has the 1000-class count (equal to a build's)
+        return _recorded_params(name) if num_classes == 1000 else None
     return sum(p.numel() for p in model.parameters())
+
+
+@cache
+def _built_params(name: str, num_classes: int) -> int:
+    return sum(p.numel() for p in create_model(name, num_classes=num_classes).parameters())
 
 
 def _recorded_params(name: str) -> int | None:
