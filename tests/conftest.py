@@ -1,10 +1,8 @@
-"""Shared fixtures: scikit-learn's digits (shipped inside its wheel) and a teacher trained on them here; how the
-suite is split between pytest-xdist workers."""
+"""Shared fixtures: scikit-learn's digits (shipped inside its wheel) and a teacher trained on them here."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +12,6 @@ from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-HERE = Path(__file__).resolve().parent
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers share two cores: one thread each (and in every process a test starts), as torch threads
     # that contend with other work spin and run many times slower.
@@ -22,15 +19,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 else:
     torch.set_num_threads(2)
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With `-n 2 --dist loadgroup`, a folder of tests/ runs on one worker (its session fixtures share a Redis
-    database, a server or a fault stack), and so does each module at the top."""
-    for item in items:
-        parts = item.path.relative_to(HERE).parts
-        item.add_marker(pytest.mark.xdist_group(parts[0] if len(parts) > 1 else item.path.stem))
 
 @pytest.fixture(scope="session")
 def digits() -> Digits:

@@ -30,8 +30,12 @@ def fresh_postgres() -> Iterator[str]:
 
 @contextmanager
 def fresh_redis(db: int = 13) -> Iterator[str]:
-    """A Redis database emptied before and after use."""
-    url = f"{REDIS_URL}/{db}"
+    """A Redis database emptied before and after use: `db` (8-13, one per suite) on pytest-xdist's first
+    worker or without xdist, `db - 6` (2-7) on the second, so that two workers never flush each other's."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    if worker > 1:
+        raise RuntimeError("the suite's Redis databases are laid out for at most two xdist workers (-n 2)")
+    url = f"{REDIS_URL}/{db - 6 * worker}"
     client = redis.Redis.from_url(url)
     client.flushdb()
     try:

@@ -7,6 +7,7 @@ import re
 import pytest
 from api_support import Env, assert_error
 
+from app.api.routes.catalog import TIMM_COUNTED
 from app.api.routes.ui import STATIC
 from worker.distill.students import model_params
 
@@ -88,3 +89,16 @@ def test_students_do_not_build_a_regnet_to_count_it(env: Env) -> None:
     resp = env.client.get("/v1/students", params={"filter": "regnet_y_128gf", "num_classes": 1000},
                           headers=env.auth())
     assert resp.json()["items"][0]["parameters"] > 600_000_000  # recorded with torchvision's weights
+    small = env.client.get("/v1/students", params={"filter": "regnet_x_400mf", "num_classes": 10},
+                           headers=env.auth()).json()["items"]
+    assert small[0]["parameters"] == model_params("regnet_x_400mf", 10)  # small enough to build and count
+
+
+def test_a_filter_matching_many_timm_models_lists_them_without_counting_them(env: Env) -> None:
+    resp = env.client.get("/v1/students", params={"filter": "mobilenet"}, headers=env.auth())
+    items = resp.json()["items"]
+    timm = [i for i in items if i["family"] == "timm"]
+    assert len(timm) > TIMM_COUNTED and all(i["parameters"] is None for i in timm)
+    assert all(i["parameters"] for i in items if i["family"] != "timm")  # torchvision's still counted
+    narrow = env.client.get("/v1/students", params={"filter": "mobilenetv3_small_050"}, headers=env.auth())
+    assert narrow.json()["items"][0]["parameters"] == model_params("timm:mobilenetv3_small_050", 10)

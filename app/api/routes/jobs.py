@@ -24,11 +24,16 @@ from app.submission import new_job
 from ..deps import SessionDep, SettingsDep, TenantDep
 from ..errors import ApiError, get_owned, not_found
 from ..pagination import page
-from ..schemas import EventOut, JobCreate, JobOut, JobStatus, Page
+from ..schemas import ERROR_RESPONSES, EventOut, JobCreate, JobOut, JobStatus, Page
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 MAX_EVENT_ID = 2**63 - 1  # the largest BIGINT: past it the database itself would refuse the query
 MEDIA_TYPES = {"onnx": "application/onnx", "metadata": "application/json"}
+# Errors of the stream are JSON, sent before it starts; FastAPI would document them as text/event-stream.
+STREAM_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"description": spec["description"],
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}}
+    for status, spec in ERROR_RESPONSES.items()}
 
 
 def _own_job(session: SessionDep, tenant_id: str, job_id: str) -> Job:
@@ -114,6 +119,7 @@ def _check_owner(job_id: str, settings: SettingsDep, tenant: TenantDep) -> None:
 
 
 @router.get("/{job_id}/stream", response_class=EventSourceResponse, dependencies=[Depends(_check_owner)],
+            responses=STREAM_ERRORS,
             summary="Follow a job live (server-sent events)",
             description="`job`: the whole job, first and whenever anything but its progress changes; `progress`: on "
             "each change; `epoch` (per-epoch metrics) and `event` (the rest of the timeline), each with the event "

@@ -45,6 +45,9 @@ def create_model(arch: str, *, num_classes: int, in_channels: int = 3,
     return model
 
 
+CHEAP_BUILD = 50_000_000  # parameters: a real build this small takes a fraction of a second
+
+
 def model_params(arch: str, num_classes: int = 1000) -> int:
     """Parameter count of `arch` with a `num_classes` head on 3-channel inputs; built on the meta device (no
     memory, no init compute) where the architecture allows it, and cached."""
@@ -58,9 +61,21 @@ def cheap_params(arch: str, num_classes: int = 1000) -> int | None:
     /v1/students) must not build regnet_y_128gf (2.6 GB, seconds of CPU) to show one number."""
     name = resolve_arch(arch)
     _check_args(num_classes, 3)
+    # The class count only sizes the head (a Linear or 1x1 conv): the count is linear in it, so two meta
+    # builds per architecture answer every class count.
+    two, three = _meta_count(name, 2), _meta_count(name, 3)
+    if two is None or three is None:
+        return _recorded_params(name) if num_classes == 1000 else None
+    return two + (three - two) * (num_classes - 2)
+
+
+def _meta_count(name: str, num_classes: int) -> int | None:
     if is_timm_arch(name):
         return timm_params(name, num_classes)
-    return _meta_params(name, num_classes)
+    count = _meta_params(name, num_classes)
+    if count is None and (_recorded_params(name) or CHEAP_BUILD) < CHEAP_BUILD:  # the smaller RegNets
+        count = _built_params(name, num_classes)
+    return count
 
 
 @cache
@@ -69,8 +84,7 @@ def _meta_params(name: str, num_classes: int) -> int | None:
         with torch.device("meta"):
             model = create_model(name, num_classes=num_classes)
     except (RuntimeError, NotImplementedError):  # torchvision's RegNets compute their widths with tensor values
-        # Their weights' meta has the 1000-class count (equal to a build's)
-        return _recorded_params(name) if num_classes == 1000 else None
+        return None
     return sum(p.numel() for p in model.parameters())
 
 

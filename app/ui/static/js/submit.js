@@ -277,8 +277,12 @@ class SubmitPage {
 
   showStudent() {
     const s = this.students.get(this.studentSelect.value);
-    this.studentInfo.textContent = s && s.family ? `${s.family}; ${f.count(s.parameters)} parameters for 10 classes; ` +
-      `default input ${s.default_input_size} px, at least ${s.min_input_size} px` : "";
+    if (!s || !s.family) { this.studentInfo.textContent = ""; return; }
+    // the API leaves a timm model's figures out when the filter matches too many of them to count
+    this.studentInfo.textContent = s.parameters == null && s.min_input_size == null
+      ? `${s.family}; narrow the search to see its size`
+      : `${s.family}; ${f.count(s.parameters)} parameters for 10 classes; ` +
+        `default input ${s.default_input_size} px, at least ${s.min_input_size} px`;
   }
 
   fillArchList(items) {
@@ -403,5 +407,6 @@ function datasetOption(d) {
 
 function studentLabel(s) {
   if (!s.family) return s.arch;
+  if (s.min_input_size == null) return `${s.arch} — ${s.family}`;
   return `${s.arch} — ${s.family}, ${f.count(s.parameters)} params, ≥ ${s.min_input_size} px`;
 }
