@@ -15,12 +15,13 @@ import pytest
 from api_support import Env, assert_error
 from fastapi.testclient import TestClient
 from httpx_sse import connect_sse
+from sqlalchemy import delete, select
 
 from app import lifecycle
 from app.db import session_scope
 from app.jobs import add_event
 from app.lifecycle import Lease
-from app.models import Job
+from app.models import Job, JobEvent
 
 WORKER = "stream-test-worker"
 WAIT = 30.0  # seconds a live message may take before the test calls the stream stuck
@@ -232,18 +233,28 @@ def test_a_job_cancelled_while_queued_ends_its_stream(env: Env, fast: TestClient
 
 
 def test_an_event_committed_after_a_later_one_is_not_lost(env: Env, fast: TestClient, job_a: dict) -> None:
-    if env.kind != "postgres":
-        pytest.skip("SQLite serialises writers: a later id cannot commit first")
     lease = claim(env, job_a["id"])
     reader = Reader(fast, job_a["id"], env.auth("a"))
     reader.wait_for("the running job", lambda r: any(m.event == "job" and m.data["status"] == "running" for m in r))
-    with session_scope(env.db_url) as slow:  # e.g. the API writing cancel_requested while the worker writes
-        add_event(slow, job_a["id"], "info", "first id, committed last")
-        slow.flush()  # its id is taken now
-        with session_scope(env.db_url) as quick:
-            add_event(quick, job_a["id"], "info", "second id, committed first")
+    if env.kind == "postgres":  # two real writers: the API writing cancel_requested while the worker writes
+        with session_scope(env.db_url) as slow:
+            add_event(slow, job_a["id"], "info", "first id, committed last")
+            slow.flush()  # its id is taken now
+            with session_scope(env.db_url) as quick:
+                add_event(quick, job_a["id"], "info", "second id, committed first")
+            reader.wait_for("the second event", lambda r: any(m.data.get("message") == "second id, committed first"
+                                                              for m in event_messages(r)))
+    else:  # SQLite serialises writers; what the stream then sees is made by hand: a lower id that shows up late
+        with session_scope(env.db_url) as s:
+            add_event(s, job_a["id"], "info", "placeholder")
+            add_event(s, job_a["id"], "info", "second id, committed first")
+            s.flush()
+            gap = s.scalars(select(JobEvent.id).where(JobEvent.message == "placeholder")).one()
+            s.execute(delete(JobEvent).where(JobEvent.id == gap))
         reader.wait_for("the second event", lambda r: any(m.data.get("message") == "second id, committed first"
                                                           for m in event_messages(r)))
+        with session_scope(env.db_url) as s:
+            s.add(JobEvent(id=gap, job_id=job_a["id"], kind="info", message="first id, committed last", data={}))
     conclude(env, lease)
     events = event_messages(reader.join())
     messages_ = [m.data["message"] for m in events]
