@@ -67,12 +67,13 @@ class JobWatch:
                 of_job, JobEvent.id <= self.after, JobEvent.created_at >= horizon))
             self._recent = {event_id: created for event_id, created in rows}
         self._primed = True
-        late: list[JobEvent] = []
-        if self.after is not None:  # committed after a later event that was sent already
-            late = [e for e in session.scalars(select(JobEvent).where(
-                of_job, JobEvent.id <= self.after, JobEvent.created_at >= horizon).order_by(JobEvent.id))
-                if e.id not in self._recent]
-        messages = [self._message(e) for e in late]
+        messages: list[ServerSentEvent] = []
+        if self.after is not None:  # committed after a later event that was sent already: ids first, rows if any
+            window = session.scalars(select(JobEvent.id).where(of_job, JobEvent.id <= self.after,
+                                                               JobEvent.created_at >= horizon))
+            if late := sorted(set(window) - self._recent.keys()):
+                messages += [self._message(e) for e in session.scalars(
+                    select(JobEvent).where(JobEvent.id.in_(late)).order_by(JobEvent.id))]
         while True:
             query = select(JobEvent).where(of_job)
             if self.after is not None:
