@@ -93,12 +93,16 @@ class SubmitPage {
     if (file.files[0]) data.append("file", file.files[0]);
     for (const [name, input] of Object.entries(inputs)) if (input.value.trim() !== "") data.append(name, input.value.trim());
     const teacher = await this.send(data, "/v1/teachers", progress, status, scope, this.teacherUploadError);
-    if (!teacher) return;
-    remember("teacher", teacher);
-    this.teacherSelect.insertBefore(teacherOption(teacher), this.teacherSelect.options[1] || null);
-    this.teacherSelect.value = teacher.id;
-    this.showTeacher();
-    status.textContent = `uploaded: ${teacher.id}`;
+    if (teacher) this.adopt("teacher", teacher, this.teacherSelect, teacherOption(teacher), () => this.showTeacher(), status);
+  }
+
+  /** A just uploaded teacher or dataset: cached, first in its list, selected and described. */
+  adopt(kind, item, select, option, show, status) {
+    remember(kind, item);
+    select.insertBefore(option, select.options[1] || null);
+    select.value = item.id;
+    show();
+    status.textContent = `uploaded: ${item.id}`;
   }
 
   showTeacher() {
@@ -127,12 +131,7 @@ class SubmitPage {
       if (file.files[0]) data.append("file", file.files[0]);
       if (testFile.files[0]) data.append("test_file", testFile.files[0]);
       const ds = await this.send(data, "/v1/datasets", progress, status, scope, this.datasetUploadError);
-      if (!ds) return;
-      remember("dataset", ds);
-      this.datasetSelect.insertBefore(datasetOption(ds), this.datasetSelect.options[1] || null);
-      this.datasetSelect.value = ds.id;
-      this.showDataset();
-      status.textContent = `uploaded: ${ds.id}`;
+      if (ds) this.adopt("dataset", ds, this.datasetSelect, datasetOption(ds), () => this.showDataset(), status);
     } }, "Upload dataset");
     return section("2. Dataset", null, el("div", { class: "two-col" },
       el("div", null, el("h3", null, "An earlier dataset"),
