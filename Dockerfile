@@ -13,8 +13,10 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY app ./app
 COPY worker ./worker
 COPY migrations ./migrations
-# Flower (to watch the queue) is pinned like torch; the project itself is the local checkout.
-RUN pip install --no-cache-dir . flower==2.2.0
+# Flower (to watch the queue) is pinned like torch; the project itself is the local checkout, with the MLflow
+# client so that KDISTILL_MLFLOW_TRACKING_URI works (--build-arg KDISTILL_EXTRAS=mlflow,timm adds timm students).
+ARG KDISTILL_EXTRAS=mlflow
+RUN pip install --no-cache-dir "/src[${KDISTILL_EXTRAS}]" flower==2.2.0
 
 FROM python:3.11-slim-bookworm AS runtime
 ARG UID=10001

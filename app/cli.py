@@ -1,11 +1,29 @@
 """The `kdistill` command line: local runs (`run`, `example`), the one-machine service (`serve`, `keys`)
-and the service's client verbs (`submit`, `status`, `jobs`, `cancel`, `download`, `sweep ...`)."""
+and the service's client verbs (`submit`, `status`, `jobs`, `teachers`, `datasets`, `cancel`, `delete`,
+`download`, `tensorboard`, `sweep ...`).
+
+For scripts: every read command takes `--output json` (`-o json`), which prints JSON alone on stdout (messages
+and progress go to stderr); tables piped elsewhere than a terminal are never cut; without a terminal, progress
+is printed as plain lines. The exit code carries the outcome:
+
+Exit codes:
+  0    success (with --wait/--watch: the job or sweep succeeded)
+  1    error: the service is unreachable, or it refused the request
+  2    usage error (a bad option or argument; `run`: an invalid job spec)
+  3    the job (or sweep) failed
+  4    the job (or sweep) was cancelled
+  5    --timeout passed while the job (or sweep) still runs
+  130  interrupted (Ctrl-C); a submitted job goes on
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -15,13 +33,45 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
-from app.report import result_tables
+from app.report import (
+    datasets_table,
+    duration,
+    jobs_table,
+    progress_line,
+    result_tables,
+    stderr_console,
+    stdout_console,
+    sweeps_table,
+    teachers_table,
+)
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED, EXIT_CANCELLED, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
+OUTCOMES = {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
+EXIT_CODES = (__doc__ or "").partition("\n\nExit codes:")[2].strip("\n")
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Distill small, fast student models from large teachers.")
+                  help="Distill small, fast student models from large teachers.",
+                  epilog="Exit codes:\n" + EXIT_CODES)
 keys_cli = typer.Typer(no_args_is_help=True, help="API keys of a kdistill database.")
 cli.add_typer(keys_cli, name="keys")
-console = Console(stderr=True)
+delete_cli = typer.Typer(no_args_is_help=True, help="Delete teachers, datasets or finished jobs on the server.")
+cli.add_typer(delete_cli, name="delete")
+console = stderr_console()
+
+
+class Output(StrEnum):
+    table = "table"
+    json = "json"
+
+
+OutputOption = Annotated[Output, typer.Option("--output", "-o", help="table (for people) or json (for scripts: "
+                                              "the JSON alone on stdout)")]
+JsonFlag = Annotated[bool, typer.Option("--json", hidden=True, help="the same as --output json")]
+
+
+def _emit_json(value: Any) -> None:
+    """The command's result on stdout as JSON, and nothing else there."""
+    typer.echo(json.dumps(value, indent=2, default=str))
 
 
 @cli.command()
@@ -31,7 +81,8 @@ def run(
     fresh: bool = typer.Option(False, "--fresh", help="delete the spec's checkpoints first and start over "
                                "(default: resume from them)"),
 ) -> None:
-    """Run a whole distillation locally and write the student's exports to a folder."""
+    """Run a whole distillation locally and write the student's exports to a folder (exit 2: the spec is
+    invalid, 3: the run failed)."""
     from worker.distill.errors import DistillError
     from worker.distill.progress import Callbacks
     from worker.distill.runner import run_job
@@ -39,10 +90,14 @@ def run(
 
     try:
         job = load_spec(spec)
-        if out is not None:
-            job = job.model_copy(update={"output_dir": str(out.resolve())})
-        if fresh:
-            _remove_checkpoints(job)
+    except DistillError as e:
+        console.print(f"[red]error[/] [bold]{e.code}[/]: {escape(e.message)}")
+        raise typer.Exit(EXIT_USAGE) from None
+    if out is not None:
+        job = job.model_copy(update={"output_dir": str(out.resolve())})
+    if fresh:
+        _remove_checkpoints(job)
+    try:
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                       TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console) as bar:
             task = bar.add_task("loading", total=1.0, info="")
@@ -63,7 +118,7 @@ def run(
             result = run_job(job, callbacks)
     except DistillError as e:
         console.print(f"[red]error[/] [bold]{e.code}[/]: {escape(e.message)}")
-        raise typer.Exit(2) from None
+        raise typer.Exit(_run_exit(e)) from None
     for table in result_tables(result.metrics):
         console.print(table)
     for w in getattr(result, "warnings", None) or []:
@@ -73,6 +128,13 @@ def run(
         console.print(f"  {result.output_dir / f.name}  {f.size_bytes:,} bytes  sha256 {f.sha256[:12]}…")
     json.dump(result.metrics, sys.stdout, default=str)
     sys.stdout.write("\n")
+
+
+def _run_exit(e: Exception) -> int:
+    """`kdistill run`'s exit code for an engine error: a setting out of range is the spec's fault (2)."""
+    from worker.distill.errors import Cancelled, ConfigError
+
+    return EXIT_USAGE if isinstance(e, ConfigError) else EXIT_CANCELLED if isinstance(e, Cancelled) else EXIT_FAILED
 
 
 def _remove_checkpoints(job: Any) -> None:
@@ -104,27 +166,35 @@ def _run_event_line(kind: str, message: str, data: dict[str, Any]) -> str:
 
 @cli.command()
 def models(name_filter: str | None = typer.Option(None, "--filter", help="part of the name, e.g. mobile"),
-           family: str | None = typer.Option(None, help="torchvision, small or timm")) -> None:
+           family: str | None = typer.Option(None, help="torchvision, small or timm"),
+           output: OutputOption = Output.table) -> None:
     """List the student (and state-dict teacher) architectures kdistill can build, with parameter counts;
-    timm's (`timm:<name>`, with `pip install 'kdistill[timm]'`) are listed with --filter or --family timm."""
+    timm's (`timm:<name>`, with `pip install 'kdistill\\[timm]'`) are listed with --filter or --family timm."""
     from worker.distill.errors import StudentError
     from worker.distill.students import list_models, model_info, model_params
 
-    table = Table("name", "family", "parameters", "input", "min input", box=None)
     try:
         # timm has over a thousand models, each counted on first sight: listed when a filter narrows them
         names = list_models(filter=name_filter, family=family, include_timm=name_filter is not None)
     except StudentError as e:
         console.print(f"[red]{escape(e.message)}[/]")
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_USAGE) from None
+    rows = []
     for name in names:
         info = model_info(name)
-        table.add_row(name, info.family, f"{model_params(name) / 1e6:.2f}M", str(info.default_input_size),
-                      str(info.min_input_size))
-    if not table.row_count:
+        rows.append({"name": name, "family": info.family, "parameters": model_params(name),
+                     "input_size": info.default_input_size, "min_input_size": info.min_input_size})
+    if not rows:
         typer.echo(f"no architecture matches {name_filter!r}" + (f" in family {family}" if family else ""), err=True)
-        raise typer.Exit(1)
-    Console().print(table)
+        raise typer.Exit(EXIT_ERROR)
+    if output is Output.json:
+        _emit_json(rows)
+        return
+    table = Table("name", "family", "parameters", "input", "min input", box=None)
+    for r in rows:
+        table.add_row(r["name"], r["family"], f"{r['parameters'] / 1e6:.2f}M", str(r["input_size"]),
+                      str(r["min_input_size"]))
+    stdout_console().print(table)
 
 
 @cli.command()
@@ -288,22 +358,51 @@ KeysDatabase = Annotated[str | None, typer.Option("--database-url", show_default
 
 
 @keys_cli.command("list")
-def keys_list(data_dir: KeysDataDir = None, database_url: KeysDatabase = None) -> None:
+def keys_list(data_dir: KeysDataDir = None, database_url: KeysDatabase = None,
+              output: OutputOption = Output.table) -> None:
     """List API keys (their id and first characters, never the key)."""
     from sqlalchemy import select
 
     from app.db import session_scope
     from app.models import ApiKey, Tenant
 
-    def when(t: Any) -> str:
-        return f"{t:%Y-%m-%dT%H:%M}Z" if t else "-"
+    def when(t: Any) -> str | None:
+        return f"{t:%Y-%m-%dT%H:%M:%S}Z" if t else None
 
+    with session_scope(_keys_database(data_dir, database_url)) as s:
+        rows = [{"id": key.id, "tenant": tenant.name, "name": key.name or None, "starts_with": key.prefix,
+                 "created": when(key.created_at), "last_used": when(key.last_used_at),
+                 "revoked": when(key.revoked_at)}
+                for key, tenant in s.execute(select(ApiKey, Tenant).join(Tenant).order_by(ApiKey.created_at))]
+    if output is Output.json:
+        _emit_json(rows)
+        return
     # one line per key, tab-separated, so that scripts can read it too
     typer.echo("\t".join(("id", "tenant", "name", "starts_with", "created", "last_used", "revoked")))
-    with session_scope(_keys_database(data_dir, database_url)) as s:
-        for key, tenant in s.execute(select(ApiKey, Tenant).join(Tenant).order_by(ApiKey.created_at)):
-            typer.echo("\t".join((key.id, tenant.name, key.name or "-", key.prefix, when(key.created_at),
-                                  when(key.last_used_at), when(key.revoked_at))))
+    for r in rows:
+        typer.echo("\t".join("-" if not v else f"{v[:16]}Z" if k in ("created", "last_used", "revoked") else v
+                             for k, v in r.items()))
+
+
+@keys_cli.command("webhook-secret")
+def keys_webhook_secret(
+    tenant: str | None = typer.Option(None, "--tenant", show_default=False,
+                                      help="the tenant (default: local, the tenant of a server without API keys)"),
+    rotate: bool = typer.Option(False, "--rotate", help="replace the secret by a new one: receivers must switch to "
+                                "it, as deliveries are signed with the new one from now on"),
+    data_dir: KeysDataDir = None,
+    database_url: KeysDatabase = None,
+) -> None:
+    """Print the tenant's webhook signing secret (only it, on stdout), made on first use: receivers of
+    callback_url verify the Kdistill-Signature header with it."""
+    from app.db import session_scope
+    from app.keys import LOCAL_TENANT, webhook_secret
+
+    name = tenant or LOCAL_TENANT
+    with session_scope(_keys_database(data_dir, database_url)) as session:
+        secret = webhook_secret(session, name, rotate=rotate)
+    console.print(f"{'a new' if rotate else 'the'} webhook signing secret of tenant [bold]{escape(name)}[/]")
+    typer.echo(secret)
 
 
 @keys_cli.command("revoke")
@@ -323,6 +422,11 @@ def keys_revoke(key_id: str = typer.Argument(..., help="the key's id from `kdist
 
 
 # -- client verbs ------------------------------------------------------------------------------------------
+PROGRESS_INTERVAL = 5.0  # seconds between two plain progress lines of the same epoch
+ProgressInterval = Annotated[float, typer.Option("--progress-interval", min=0.0, help="without a terminal: "
+                                                 "seconds between two progress lines within one epoch")]
+
+
 def _client(url: str, api_key: str | None) -> Any:
     from app.client import Client
 
@@ -336,8 +440,15 @@ def _fail(e: Exception) -> NoReturn:
         where = f" (field {e.field})" if e.field else ""
         console.print(f"[red]error[/] [bold]{e.code}[/]{escape(where)}: {escape(e.message)}")
     else:
-        console.print(f"[red]error[/] {e}")
-    raise typer.Exit(1)
+        console.print(f"[red]error[/] {escape(str(e))}")
+    raise typer.Exit(EXIT_ERROR)
+
+
+def _outcome(status: str) -> None:
+    """End a --wait/--watch with the exit code of the final status: 0 succeeded, 3 failed, 4 cancelled."""
+    code = OUTCOMES.get(status, EXIT_ERROR)
+    if code:
+        raise typer.Exit(code)
 
 
 def _csv_floats(value: str | None, option: str) -> list[float] | None:
@@ -361,13 +472,6 @@ def _hp_pairs(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    s = round(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
 def _event_line(event: dict[str, Any]) -> str:
     kind = event["kind"]
     style = {"status": "bold", "epoch": "dim", "error": "red", "warning": "yellow",
@@ -375,23 +479,50 @@ def _event_line(event: dict[str, Any]) -> str:
     return f"[{style}]{escape(kind)}[/] {escape(event['message'])}"
 
 
-def _watch(client: Any, job_id: str, timeout: float | None) -> dict[str, Any]:
-    """A live progress bar (and the job's events as they come) until the job ends: from the job's stream, or
-    by polling a server without one."""
+class _Lines:
+    """Progress without a terminal: a plain line on each change of status, phase, run or epoch, and within an
+    epoch at most every `interval` s (a log or CI output gets a readable trace rather than a bar)."""
+
+    def __init__(self, out: Console, interval: float) -> None:
+        self.out, self.interval = out, interval
+        self.key: tuple[Any, ...] | None = None
+        self.line: str | None = None
+        self.at = 0.0
+
+    def show(self, job: dict[str, Any]) -> None:
+        p = job.get("progress") or {}
+        key = (job["status"], job.get("phase"), p.get("run"), p.get("epoch"))
+        line = progress_line(job)
+        now = time.monotonic()
+        if line == self.line or (key == self.key and now - self.at < self.interval):
+            return
+        self.out.print(line, markup=False, highlight=False, soft_wrap=True)
+        self.key, self.line, self.at = key, line, now
+
+
+def _watch(client: Any, job_id: str, timeout: float | None,
+           interval: float = PROGRESS_INTERVAL) -> dict[str, Any]:
+    """Follow the job until it ends, with its events as they come: on a terminal a live progress bar, else
+    plain progress lines (see _Lines). From the job's stream, or by polling a server without one."""
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
     seen: dict[str, Any] = {"after": None, "job": None, "hinted": False, "timed": False}
     columns = (TextColumn("[bold]{task.description:<10}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                TextColumn("{task.fields[info]}"), TextColumn("[cyan]{task.fields[eta]}"))
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task("queued", total=1.0, info="", eta="")
+    with Progress(*columns, console=console) if console.is_terminal else nullcontext() as bar:
+        out = bar.console if bar is not None else console
+        task = bar.add_task("queued", total=1.0, info="", eta="") if bar is not None else None
+        lines = _Lines(out, interval)
 
         def show(job: dict[str, Any]) -> None:
             seen["job"] = job
             if job["status"] == "queued" and not seen["hinted"] and time.monotonic() - started > QUEUED_HINT:
                 seen["hinted"] = True
-                bar.console.print(f"[yellow]still queued after {QUEUED_HINT:.0f} s[/]: the workers may be busy, or "
-                                  f"none serves queue {job['queue']!r} (`kdistill serve` runs one; `kdistill worker`)")
+                out.print(f"[yellow]still queued after {QUEUED_HINT:.0f} s[/]: the workers may be busy, or none "
+                          f"serves queue {job['queue']!r} (`kdistill serve` runs one; `kdistill worker`)")
+            if bar is None:
+                lines.show(job)
+                return
             p = job.get("progress") or {}
             info = ""
             if p.get("epochs"):
@@ -403,7 +534,7 @@ def _watch(client: Any, job_id: str, timeout: float | None) -> dict[str, Any]:
             eta = p.get("eta_seconds")
             bar.update(task, completed=p.get("fraction") or 0.0, info=info,
                        description=job.get("phase") or job["status"],
-                       eta=f"ETA {_duration(eta)}" if eta is not None and job["status"] == "running" else "")
+                       eta=f"ETA {duration(eta)}" if eta is not None and job["status"] == "running" else "")
 
         while True:
             # A job that stays queued gets the hint above, but a quiet stream says nothing: until the job is seen
@@ -412,7 +543,7 @@ def _watch(client: Any, job_id: str, timeout: float | None) -> dict[str, Any]:
             until = min((t for t in (deadline, started + QUEUED_HINT if timed else None) if t is not None),
                         default=None)
             try:
-                job = _watch_updates(client, job_id, until, seen, show, bar.console, restart_on_start=timed)
+                job = _watch_updates(client, job_id, until, seen, show, out, restart_on_start=timed)
             except TimeoutError:
                 if deadline is not None and time.monotonic() >= deadline:
                     status = seen["job"]["status"] if seen["job"] else "queued"
@@ -427,7 +558,7 @@ def _watch(client: Any, job_id: str, timeout: float | None) -> dict[str, Any]:
 
 
 def _watch_updates(client: Any, job_id: str, until: float | None, seen: dict[str, Any], show: Any, out: Console, *,
-            restart_on_start: bool) -> dict[str, Any] | None:
+                   restart_on_start: bool) -> dict[str, Any] | None:
     """Show the job's updates until it ends (return it, as GET shows it), or until it runs when
     `restart_on_start` (return None). TimeoutError at `until` (a monotonic time)."""
     from contextlib import closing
@@ -454,6 +585,17 @@ def _watch_updates(client: Any, job_id: str, until: float | None, seen: dict[str
     raise RuntimeError(f"the updates of job {job_id} stopped before its end")  # follow() ends with `end`
 
 
+def _watch_to_end(client: Any, job_id: str, timeout: float | None, interval: float, as_json: bool) -> dict[str, Any]:
+    """_watch; past `timeout`, exit 5 (printing the job as it is with --output json)."""
+    try:
+        return _watch(client, job_id, timeout, interval)
+    except TimeoutError as e:
+        console.print(f"[yellow]timeout[/] {escape(str(e))}; it goes on (`kdistill status {job_id} --watch`)")
+        if as_json:
+            _emit_json(client.get_job(job_id))
+        raise typer.Exit(EXIT_TIMEOUT) from None
+
+
 def _report(job: dict[str, Any], out: Console) -> None:
     colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(job["status"], "cyan")
     line = f"job [bold]{job['id']}[/] [{colour}]{job['status']}[/]"
@@ -463,7 +605,7 @@ def _report(job: dict[str, Any], out: Console) -> None:
     if job["status"] == "running" and p.get("epochs"):
         line += f"  epoch {p.get('epoch', 0)}/{p['epochs']}, {100 * (p.get('fraction') or 0):.1f}%"
         if p.get("eta_seconds") is not None:
-            line += f", ETA {_duration(p['eta_seconds'])}"
+            line += f", ETA {duration(p['eta_seconds'])}"
     out.print(line)
     if job.get("error"):
         out.print(f"[red]error[/] [bold]{escape(job['error']['code'])}[/]: {escape(job['error']['message'])}")
@@ -474,6 +616,8 @@ def _report(job: dict[str, Any], out: Console) -> None:
     for a in job.get("artifacts") or []:
         out.print(f"  {a['name']:28s} {a['format']:12s} {a['size_bytes']:>12,} bytes  sha256 {a['sha256'][:12]}…",
                   soft_wrap=True)
+    if job.get("artifacts_expired_at"):
+        out.print(f"[yellow]artifacts expired[/] at {job['artifacts_expired_at']} (the retention period)")
 
 
 def _check_inputs(teacher: Path | None, teacher_id: str | None, dataset: Path | None, dataset_id: str | None) -> None:
@@ -529,21 +673,35 @@ def submit(
     baseline: bool = typer.Option(False, "--baseline", help="also train the student on labels alone"),
     export: str = typer.Option("onnx,torchscript", "--export", help="comma-separated: onnx, torchscript, torch_export"),
     queue: str | None = typer.Option(None, "--queue", help="worker queue (default: the server's)"),
+    max_run_seconds: float | None = typer.Option(None, "--max-run-seconds", min=0.001, show_default=False,
+                                                 help="stop the job (failed, job_timeout) after this long running"),
+    callback_url: str | None = typer.Option(None, "--callback-url", show_default=False, help="http(s) URL the "
+                                            "server POSTs the job to, signed, when it ends (see `kdistill keys "
+                                            "webhook-secret`)"),
+    callback_epochs: bool = typer.Option(False, "--callback-epochs", help="also call --callback-url after each "
+                                         "epoch"),
     idempotency_key: str | None = typer.Option(None, "--idempotency-key"),
-    wait: bool = typer.Option(False, "--wait", help="watch the job until it ends"),
+    wait: bool = typer.Option(False, "--wait", help="watch the job until it ends; the exit code tells how it "
+                              "ended (0 succeeded, 3 failed, 4 cancelled, 5 timeout)"),
     timeout: float | None = typer.Option(None, "--timeout", help="with --wait: give up after this many seconds"),
-    as_json: bool = typer.Option(False, "--json", help="print the job as JSON instead of its id"),
+    progress_interval: ProgressInterval = PROGRESS_INTERVAL,
+    output: OutputOption = Output.table,
+    as_json: JsonFlag = False,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Submit a distillation job (uploading the teacher and dataset files first when given); print its id."""
+    """Submit a distillation job (uploading the teacher and dataset files first when given); print its id,
+    or with --output json the job (with --wait: the final job)."""
     _check_inputs(teacher, teacher_id, dataset, dataset_id)
+    if callback_epochs and not callback_url:
+        raise typer.BadParameter("--callback-epochs needs --callback-url", param_hint="--callback-epochs")
+    json_out = as_json or output is Output.json
     hyper = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
                                "temperature": temperature, "alpha": alpha, "distillation": distillation}.items()
              if v is not None}
     hyper.update(_hp_pairs(hp))
     formats = [f.strip() for f in export.split(",") if f.strip()]
-    extra: dict[str, Any] = {"queue": queue} if queue else {}
+    extra: dict[str, Any] = {k: v for k, v in {"queue": queue, "max_run_seconds": max_run_seconds}.items() if v}
     from app.client import KdistillError
 
     try:
@@ -554,77 +712,108 @@ def submit(
                     mean=_csv_floats(mean, "--mean"), std=_csv_floats(std, "--std"), classes=classes))
             job = client.create_job(teacher_id, dataset_id, student, hyperparameters=hyper or None,
                                     export_formats=formats, baseline=baseline, idempotency_key=idempotency_key,
-                                    **extra)
+                                    callback_url=callback_url, callback_epochs=callback_epochs, **extra)
             console.print(f"job [bold]{job['id']}[/] {job['status']} on queue {job['queue']}")
             if wait:
-                job = _watch(client, job["id"], timeout)
+                job = _watch_to_end(client, job["id"], timeout, progress_interval, json_out)
                 _report(job, console)
-    except (KdistillError, TimeoutError) as e:
+    except KdistillError as e:
         _fail(e)
     except KeyboardInterrupt:
         console.print("stopped watching; the job goes on (`kdistill status ID --watch`, `kdistill cancel ID`)")
-        raise typer.Exit(130) from None
-    typer.echo(json.dumps(job, indent=2) if as_json else job["id"])
-    if wait and job["status"] != "succeeded":
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if json_out:
+        _emit_json(job)
+    else:
+        typer.echo(job["id"])
+    if wait:
+        _outcome(job["status"])
 
 
 @cli.command()
 def status(
     job_id: str = typer.Argument(..., help="the job's id"),
-    watch: bool = typer.Option(False, "--watch", "-w", help="a live progress bar until the job ends"),
-    events: bool = typer.Option(False, "--events", help="also print the job's timeline"),
-    as_json: bool = typer.Option(False, "--json", help="print the job as JSON"),
+    watch: bool = typer.Option(False, "--watch", "-w", help="follow the job until it ends; the exit code tells "
+                               "how it ended (0 succeeded, 3 failed, 4 cancelled, 5 timeout)"),
+    events: bool = typer.Option(False, "--events", help="also print the job's timeline (JSON: as `events`)"),
     timeout: float | None = typer.Option(None, "--timeout", help="with --watch: give up after this many seconds"),
+    progress_interval: ProgressInterval = PROGRESS_INTERVAL,
+    output: OutputOption = Output.table,
+    as_json: JsonFlag = False,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Show a job: status, progress, metrics, artifacts (exit 1 when --watch ends in failed/cancelled)."""
+    """Show a job: status, progress, metrics, artifacts."""
     from app.client import KdistillError
 
-    out = Console()
+    json_out = as_json or output is Output.json
+    timeline: list[dict[str, Any]] = []
     try:
         with _client(url, api_key) as client:
-            job = _watch(client, job_id, timeout) if watch else client.get_job(job_id)
+            job = _watch_to_end(client, job_id, timeout, progress_interval, json_out) if watch \
+                else client.get_job(job_id)
             if events and not watch:
-                for event in client.events(job_id):
-                    out.print(_event_line(event), soft_wrap=True)
-    except (KdistillError, TimeoutError) as e:
+                timeline = client.events(job_id)
+    except KdistillError as e:
         _fail(e)
     except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-    if as_json:
-        typer.echo(json.dumps(job, indent=2))
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if json_out:
+        _emit_json({**job, "events": timeline} if events and not watch else job)
     else:
+        out = stdout_console()
+        for event in timeline:
+            out.print(_event_line(event), soft_wrap=True)
         _report(job, out)
-    if watch and job["status"] != "succeeded":
-        raise typer.Exit(1)
+    if watch:
+        _outcome(job["status"])
+
+
+def _listing(fetch: Callable[[Any], Iterator[dict[str, Any]]], limit: int, output: Output,
+             table: Callable[[Iterable[dict[str, Any]]], Table], url: str, api_key: str | None) -> None:
+    """A list command: the first `limit` items `fetch(client)` gives, as a table or JSON."""
+    from itertools import islice
+
+    from app.client import KdistillError
+
+    try:
+        with _client(url, api_key) as client:
+            items = list(islice(fetch(client), limit))
+    except KdistillError as e:
+        _fail(e)
+    if output is Output.json:
+        _emit_json(items)
+    else:
+        stdout_console().print(table(items))
+
+
+Limit = Annotated[int, typer.Option("--limit", min=1, help="how many, newest first")]
 
 
 @cli.command()
 def jobs(
     job_status: str | None = typer.Option(None, "--status", help="queued, running, succeeded, failed, cancelled"),
-    limit: int = typer.Option(20, min=1, help="how many, newest first"),
+    limit: Limit = 20,
+    output: OutputOption = Output.table,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
     """List jobs, newest first."""
-    from itertools import islice
+    _listing(lambda c: c.list_jobs(status=job_status, limit=min(limit, 200)), limit, output, jobs_table, url, api_key)
 
-    from app.client import KdistillError
 
-    table = Table("status", "student", "progress", "student acc", "created")
-    table.columns.insert(0, Column("id", no_wrap=True, min_width=28))
-    try:
-        with _client(url, api_key) as client:
-            for job in islice(client.list_jobs(status=job_status, limit=min(limit, 200)), limit):
-                acc = (job.get("metrics") or {}).get("student_accuracy")
-                table.add_row(job["id"], job["status"], job["request"]["student"]["arch"],
-                              f"{100 * ((job.get('progress') or {}).get('fraction') or 0):.0f}%",
-                              f"{acc:.4f}" if isinstance(acc, float) else "", str(job["created_at"])[:19])
-    except KdistillError as e:
-        _fail(e)
-    Console().print(table)
+@cli.command()
+def teachers(limit: Limit = 20, output: OutputOption = Output.table, url: Url = DEFAULT_URL,
+             api_key: ApiKey = None) -> None:
+    """List uploaded teachers, newest first."""
+    _listing(lambda c: c.list_teachers(limit=min(limit, 200)), limit, output, teachers_table, url, api_key)
+
+
+@cli.command()
+def datasets(limit: Limit = 20, output: OutputOption = Output.table, url: Url = DEFAULT_URL,
+             api_key: ApiKey = None) -> None:
+    """List uploaded datasets, newest first."""
+    _listing(lambda c: c.list_datasets(limit=min(limit, 200)), limit, output, datasets_table, url, api_key)
 
 
 @cli.command()
@@ -640,32 +829,158 @@ def cancel(job_id: str = typer.Argument(...), url: Url = DEFAULT_URL, api_key: A
     console.print(f"job {job_id}: {job['status']}" + (" (cancel requested)" if job["status"] == "running" else ""))
 
 
+def _delete(kind: str, ids: list[str], url: str, api_key: str | None) -> None:
+    """Delete each id in turn (each error is printed); exit 1 when any was refused."""
+    from app.client import KdistillError
+
+    refused = 0
+    with _client(url, api_key) as client:
+        remove = {"teacher": client.delete_teacher, "dataset": client.delete_dataset, "job": client.delete_job}[kind]
+        for object_id in ids:
+            try:
+                remove(object_id)
+            except KdistillError as e:
+                refused += 1
+                console.print(f"[red]error[/] {kind} {escape(object_id)}: [bold]{e.code}[/]: {escape(e.message)}")
+                if e.code == "unreachable":
+                    break
+            else:
+                console.print(f"deleted {kind} {object_id}")
+    if refused:
+        raise typer.Exit(EXIT_ERROR)
+
+
+Ids = Annotated[list[str], typer.Argument(help="one or more ids (see `kdistill teachers`, `datasets`, `jobs`)")]
+
+
+@delete_cli.command("teacher")
+def delete_teacher(ids: Ids, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Delete teachers (refused while a queued or running job uses one: teacher_in_use)."""
+    _delete("teacher", ids, url, api_key)
+
+
+@delete_cli.command("dataset")
+def delete_dataset(ids: Ids, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Delete datasets (refused while a queued or running job uses one: dataset_in_use)."""
+    _delete("dataset", ids, url, api_key)
+
+
+@delete_cli.command("job")
+def delete_job(ids: Ids, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Delete finished jobs and their artifacts (refused while a job is queued or running: job_not_finished)."""
+    _delete("job", ids, url, api_key)
+
+
 @cli.command()
 def download(
     job_id: str = typer.Argument(...),
     dest: Path | None = typer.Option(None, "--dest", help="folder (default: ./<job id>)"),
     names: list[str] = typer.Option([], "--name", help="artifact name (repeatable) (default: all)"),
+    output: OutputOption = Output.table,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Download a job's artifacts (checked against their sha256); print each file's path."""
+    """Download a job's artifacts (checked against their sha256, resuming an interrupted download); print each
+    file's path (JSON: a list of {name, path, size_bytes, sha256})."""
     from app.client import KdistillError
 
     folder = dest or Path(job_id)
+    written: list[dict[str, Any]] = []
     try:
         with _client(url, api_key) as client:
             job = client.get_job(job_id)
-            available = [a["name"] for a in job.get("artifacts") or []]
-            wanted = names or available
+            artifacts = {a["name"]: a for a in job.get("artifacts") or []}
+            wanted = names or list(artifacts)
             if not wanted:
-                console.print(f"job {job_id} is {job['status']} and has no artifacts yet")
-                raise typer.Exit(1)
+                console.print(f"job {job_id} is {job['status']} and has no artifacts" +
+                              (" (they expired)" if job.get("artifacts_expired_at") else " yet"))
+                raise typer.Exit(EXIT_ERROR)
             folder.mkdir(parents=True, exist_ok=True)
             for name in wanted:
                 path = client.download(job_id, name, folder)
-                typer.echo(str(path))
+                written.append({"name": name, "path": str(path), "size_bytes": path.stat().st_size,
+                                "sha256": (artifacts.get(name) or {}).get("sha256")})
+                if output is Output.table:
+                    typer.echo(str(path))
     except KdistillError as e:
         _fail(e)
+    if output is Output.json:
+        _emit_json(written)
+
+
+TENSORBOARD_ARTIFACT = "tensorboard.tar.gz"
+
+
+class UnsafeArchive(Exception):
+    """A tensorboard.tar.gz that is unreadable, or has a member that would land outside its folder or that is
+    not a file or folder."""
+
+
+def extract_events(archive: Path, dest: Path) -> int:
+    """Unpack a job's tensorboard.tar.gz into `dest`; the number of files. Absolute paths, `..`, links and
+    devices are refused (UnsafeArchive) before anything is written; tarfile's "data" filter checks again."""
+    import tarfile
+    from pathlib import PurePosixPath
+
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()
+            for m in members:
+                path = PurePosixPath(m.name)
+                if path.is_absolute() or m.name.startswith("\\") or ".." in path.parts or \
+                        not (m.isfile() or m.isdir()):
+                    raise UnsafeArchive(f"{archive.name} holds {m.name!r}, which is a link, a device, or a path "
+                                        "outside its folder; nothing was extracted")
+            dest.mkdir(parents=True, exist_ok=True)
+            tar.extractall(dest, members=members, filter="data")
+    except (tarfile.TarError, EOFError) as e:  # a damaged archive, or one the "data" filter refused
+        raise UnsafeArchive(f"{archive.name} cannot be extracted: {e}") from None
+    return sum(m.isfile() for m in members)
+
+
+@cli.command()
+def tensorboard(
+    job_id: str = typer.Argument(..., help="a succeeded job"),
+    logdir: Path | None = typer.Option(None, "--dir", show_default=False,
+                                       help="folder for the event files (default: ./<job id>/tensorboard)"),
+    port: int = typer.Option(6006, "--port", min=1, max=65535, help="TensorBoard's port"),
+    launch: bool = typer.Option(True, "--launch/--no-launch", help="run TensorBoard on the files, or only "
+                                "download them and print their folder"),
+    command: str = typer.Option("tensorboard", "--tensorboard", envvar="KDISTILL_TENSORBOARD",
+                                help="the tensorboard command (pip install 'kdistill\\[tensorboard]')"),
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Download a job's TensorBoard event files (its tensorboard.tar.gz artifact) and open them in TensorBoard."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from app.client import KdistillError
+
+    folder = (logdir or Path(job_id) / "tensorboard").resolve()
+    try:
+        with _client(url, api_key) as client, tempfile.TemporaryDirectory(prefix="kdistill-tb-") as tmp:
+            files = extract_events(client.download(job_id, TENSORBOARD_ARTIFACT, Path(tmp)), folder)
+    except (KdistillError, UnsafeArchive) as e:
+        _fail(e)
+    console.print(f"{files} event file(s) of job {job_id} in {escape(str(folder))}", soft_wrap=True)
+    if not launch:
+        typer.echo(str(folder))
+        return
+    found = shutil.which(command)
+    if found is None:
+        console.print(f"[red]error[/] no {escape(command)!r} command: install TensorBoard with "
+                      f"[bold]pip install 'kdistill\\[tensorboard]'[/], then run "
+                      f"`tensorboard --logdir {escape(str(folder))}`", soft_wrap=True)
+        typer.echo(str(folder))
+        raise typer.Exit(EXIT_ERROR)
+    console.print(f"TensorBoard on http://localhost:{port}/ (Ctrl-C stops it)")
+    try:
+        code = subprocess.call([found, "--logdir", str(folder), "--port", str(port)])
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    raise typer.Exit(code)
 
 
 @cli.command()
@@ -730,8 +1045,8 @@ def _sweep_report(sweep: dict[str, Any], out: Console) -> None:
     if sweep.get("error"):
         out.print(f"[red]error[/] [bold]{escape(sweep['error']['code'])}[/]: {escape(sweep['error']['message'])}")
     names = sorted({k for t in sweep["trials"] for k in t["params"]})
-    table = Table("#", Column("job", no_wrap=True, min_width=28), "state", *names, "epochs", sweep["metric"],
-                  box=None)
+    table = Table("#", Column("job", no_wrap=True, overflow="fold", min_width=28), "state", *names, "epochs",
+                  sweep["metric"], box=None)
     for t in sweep["trials"]:
         mark = " [green]★[/]" if t["job_id"] == sweep.get("best_job_id") else ""
         table.add_row(str(t["number"]), t["job_id"], t["state"], *(_cell(t["params"].get(k)) for k in names),
@@ -776,13 +1091,16 @@ def sweep_submit(
     export: str = typer.Option("onnx", "--export", help="comma-separated: onnx, torchscript, torch_export"),
     queue: str | None = typer.Option(None, "--queue", help="worker queue (default: the server's)"),
     idempotency_key: str | None = typer.Option(None, "--idempotency-key"),
-    wait: bool = typer.Option(False, "--wait", help="follow the sweep until it ends"),
+    wait: bool = typer.Option(False, "--wait", help="follow the sweep until it ends; the exit code tells how it "
+                              "ended (0 succeeded, 3 failed, 4 cancelled, 5 timeout)"),
     timeout: float | None = typer.Option(None, "--timeout", help="with --wait: give up after this many seconds"),
-    as_json: bool = typer.Option(False, "--json", help="print the sweep as JSON instead of its id"),
+    output: OutputOption = Output.table,
+    as_json: JsonFlag = False,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Start a sweep: the inputs of `kdistill submit` plus a search space; print its id."""
+    """Start a sweep: the inputs of `kdistill submit` plus a search space; print its id, or with --output json
+    the sweep (with --wait: the final sweep)."""
     _check_inputs(teacher, teacher_id, dataset, dataset_id)
     search = _sweep_space(space, param)
     hyper = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size}.items() if v is not None}
@@ -806,72 +1124,76 @@ def sweep_submit(
             console.print(f"sweep [bold]{sweep['id']}[/] {sweep['status']}: {sweep['trials_started']} trial(s) "
                           f"queued, up to {max_trials}")
             if wait:
-                sweep = client.wait_sweep(sweep["id"], timeout=timeout, on_progress=lambda s: console.print(
-                    f"[dim]{s['status']}: " + ", ".join(f"{n} {k}" for k, n in s["counts"].items()
-                                                        if n and k != "total") + "[/]"))
+                sweep = _wait_sweep(client, sweep["id"], timeout, as_json or output is Output.json)
                 _sweep_report(sweep, console)
-    except (KdistillError, TimeoutError) as e:
+    except KdistillError as e:
         _fail(e)
     except KeyboardInterrupt:
         console.print("stopped following; the sweep goes on (`kdistill sweep status ID`, `kdistill sweep cancel ID`)")
-        raise typer.Exit(130) from None
-    typer.echo(json.dumps(sweep, indent=2) if as_json else sweep["id"])
-    if wait and sweep["status"] != "succeeded":
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if as_json or output is Output.json:
+        _emit_json(sweep)
+    else:
+        typer.echo(sweep["id"])
+    if wait:
+        _outcome(sweep["status"])
+
+
+def _wait_sweep(client: Any, sweep_id: str, timeout: float | None, as_json: bool) -> dict[str, Any]:
+    """Follow a sweep to its end, a line per change on stderr; past `timeout`, exit 5 (printing the sweep as
+    it is with --output json)."""
+    try:
+        return client.wait_sweep(sweep_id, timeout=timeout, on_progress=lambda s: console.print(
+            f"[dim]{s['status']}: " + ", ".join(f"{n} {k}" for k, n in s["counts"].items()
+                                                if n and k != "total") + "[/]"))
+    except TimeoutError as e:
+        console.print(f"[yellow]timeout[/] {escape(str(e))}; it goes on (`kdistill sweep status {sweep_id} -w`)")
+        if as_json:
+            _emit_json(client.get_sweep(sweep_id))
+        raise typer.Exit(EXIT_TIMEOUT) from None
 
 
 @sweep_cli.command("status")
 def sweep_status(
     sweep_id: str = typer.Argument(..., help="the sweep's id"),
-    watch: bool = typer.Option(False, "--watch", "-w", help="follow the sweep until it ends"),
-    as_json: bool = typer.Option(False, "--json", help="print the sweep as JSON"),
+    watch: bool = typer.Option(False, "--watch", "-w", help="follow the sweep until it ends; the exit code tells "
+                               "how it ended (0 succeeded, 3 failed, 4 cancelled, 5 timeout)"),
     timeout: float | None = typer.Option(None, "--timeout", help="with --watch: give up after this many seconds"),
+    output: OutputOption = Output.table,
+    as_json: JsonFlag = False,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
     """Show a sweep: its trials (params, state, epochs, value) and the best one."""
     from app.client import KdistillError
 
-    out = Console()
+    json_out = as_json or output is Output.json
     try:
         with _client(url, api_key) as client:
-            sweep = client.wait_sweep(sweep_id, timeout=timeout) if watch else client.get_sweep(sweep_id)
-    except (KdistillError, TimeoutError) as e:
+            sweep = _wait_sweep(client, sweep_id, timeout, json_out) if watch else client.get_sweep(sweep_id)
+    except KdistillError as e:
         _fail(e)
     except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-    if as_json:
-        typer.echo(json.dumps(sweep, indent=2))
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if json_out:
+        _emit_json(sweep)
     else:
-        _sweep_report(sweep, out)
-    if watch and sweep["status"] != "succeeded":
-        raise typer.Exit(1)
+        _sweep_report(sweep, stdout_console())
+    if watch:
+        _outcome(sweep["status"])
 
 
 @sweep_cli.command("list")
 def sweep_list(
     sweep_status: str | None = typer.Option(None, "--status", help="running, succeeded, failed, cancelled"),
-    limit: int = typer.Option(20, min=1, help="how many, newest first"),
+    limit: Limit = 20,
+    output: OutputOption = Output.table,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
     """List sweeps, newest first."""
-    from itertools import islice
-
-    from app.client import KdistillError
-
-    table = Table("status", "student", "trials", "best", "created")
-    table.columns.insert(0, Column("id", no_wrap=True, min_width=28))
-    try:
-        with _client(url, api_key) as client:
-            for s in islice(client.list_sweeps(status=sweep_status, limit=min(limit, 200)), limit):
-                table.add_row(s["id"], s["status"], s["request"]["student"]["arch"],
-                              f"{s['trials_started']}/{s['max_trials']}",
-                              f"{s['best_value']:.4f}" if s.get("best_value") is not None else "",
-                              str(s["created_at"])[:19])
-    except KdistillError as e:
-        _fail(e)
-    Console().print(table)
+    _listing(lambda c: c.list_sweeps(status=sweep_status, limit=min(limit, 200)), limit, output, sweeps_table, url,
+             api_key)
 
 
 @sweep_cli.command("cancel")

@@ -10,13 +10,15 @@
         job = kd.wait(job["id"], timeout=600)       # follows the job's live stream
         for update in kd.stream(job["id"]):         # or the stream itself: job, progress, epoch, event, end
             print(update.kind, update.data)
-        kd.download(job["id"], "student.onnx", "out/")
+        kd.download(job["id"], "student.onnx", "out/")  # resumes a ".part" left by an interrupted download
+        kd.delete_job(job["id"])                    # finished jobs only; their artifacts go too
         sweep = kd.create_sweep(teacher["id"], dataset["id"], "resnet8", {"temperature": [2, 4, 8]}, max_trials=3)
         best = kd.wait_sweep(sweep["id"])["best_job_id"]
 
 Every error the server answers is raised as `KdistillError(status, code, message, field)`; a server that
 cannot be reached is `KdistillError(0, "unreachable", ...)`. Uploads and downloads stream from and to
-disk; no file is read into memory whole.
+disk; no file is read into memory whole. Uploading a file the tenant already has returns the existing teacher
+or dataset (the server's de-duplication) unless `dedupe=False`.
 """
 
 from __future__ import annotations
@@ -212,11 +214,13 @@ class Client:
                 return
             params["after"] = page["next_cursor"]
 
-    def _upload(self, path: str, file: str | os.PathLike[str], data: dict[str, Any]) -> dict[str, Any]:
+    def _upload(self, path: str, file: str | os.PathLike[str], data: dict[str, Any], dedupe: bool) -> dict[str, Any]:
         p = Path(file)
+        # the server's default is to de-duplicate: the parameter is sent only to ask for a new object
+        params = None if dedupe else {"dedupe": "false"}
         with p.open("rb") as f:  # httpx streams the open file in chunks
             return self._json("POST", path, files={"file": (p.name, f, "application/octet-stream")},
-                              data={k: str(v) for k, v in data.items() if v is not None})
+                              data={k: str(v) for k, v in data.items() if v is not None}, params=params)
 
     # -- health ----------------------------------------------------------------------------------------
     def healthz(self) -> dict[str, Any]:
@@ -230,17 +234,18 @@ class Client:
                        num_classes: int | None = None, input_channels: int = 3, input_size: int = 224,
                        mean: Sequence[float] | str | float | None = None,
                        std: Sequence[float] | str | float | None = None, format: str | None = None,
-                       classes: Sequence[str] | str | None = None) -> dict[str, Any]:
+                       classes: Sequence[str] | str | None = None, dedupe: bool = True) -> dict[str, Any]:
         """Upload a checkpoint (safetensors / .pt state dict with `arch`, ONNX, TorchScript). `classes`: the
         names of its outputs 0..N-1 (a list, or one comma-separated or JSON-list string); default: the names
-        the file carries, if any."""
+        the file carries, if any. A file the tenant already uploaded returns that teacher unless `dedupe=False`."""
         return self._upload("/v1/teachers", path, {
             "arch": arch, "num_classes": num_classes, "format": format, "input_channels": input_channels,
-            "input_size": input_size, "mean": _floats(mean), "std": _floats(std), "classes": _names(classes)})
+            "input_size": input_size, "mean": _floats(mean), "std": _floats(std), "classes": _names(classes)}, dedupe)
 
-    def upload_dataset(self, path: str | os.PathLike[str]) -> dict[str, Any]:
-        """Upload an ImageFolder .zip / .tar.gz or an .npz (x, y, optional x_val, y_val, x_unlabeled)."""
-        return self._upload("/v1/datasets", path, {})
+    def upload_dataset(self, path: str | os.PathLike[str], *, dedupe: bool = True) -> dict[str, Any]:
+        """Upload an ImageFolder .zip / .tar.gz or an .npz (x, y, optional x_val, y_val, x_unlabeled); a file
+        the tenant already uploaded returns that dataset unless `dedupe=False`."""
+        return self._upload("/v1/datasets", path, {}, dedupe)
 
     def get_teacher(self, teacher_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/teachers/{teacher_id}")
@@ -256,12 +261,26 @@ class Client:
         """Every dataset, newest first, fetched `limit` per request."""
         return self._pages("/v1/datasets", {"limit": limit})
 
+    def delete_teacher(self, teacher_id: str) -> None:
+        """Delete a teacher; 409 `teacher_in_use` while a queued or running job uses it."""
+        self._request("DELETE", f"/v1/teachers/{teacher_id}")
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Delete a dataset; 409 `dataset_in_use` while a queued or running job uses it."""
+        self._request("DELETE", f"/v1/datasets/{dataset_id}")
+
     # -- jobs ------------------------------------------------------------------------------------------
     def create_job(self, teacher_id: str, dataset_id: str, student_arch: str, *,
                    hyperparameters: dict[str, Any] | None = None, export_formats: Sequence[str] | None = None,
-                   baseline: bool = False, idempotency_key: str | None = None, **extra: Any) -> dict[str, Any]:
-        """Create a job (202). `extra` goes into the body as is (`data`, `queue`, `max_run_seconds`, ...);
+                   baseline: bool = False, idempotency_key: str | None = None, callback_url: str | None = None,
+                   callback_epochs: bool = False, **extra: Any) -> dict[str, Any]:
+        """Create a job (202). `callback_url` receives the job, signed, on its final status (and after each epoch
+        with `callback_epochs`). `extra` goes into the body as is (`data`, `queue`, `max_run_seconds`, ...);
         `student={...}` adds student options (`input_size`, `mean`, `std`) to the arch."""
+        if callback_url is not None:
+            extra["callback_url"] = callback_url
+        if callback_epochs:
+            extra["callback_epochs"] = True
         body = _job_body(teacher_id, dataset_id, student_arch, hyperparameters, export_formats, baseline, extra)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return self._json("POST", "/v1/jobs", json=body, headers=headers)
@@ -279,6 +298,10 @@ class Client:
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._json("POST", f"/v1/jobs/{job_id}/cancel")
+
+    def delete_job(self, job_id: str) -> None:
+        """Delete a finished job and its artifacts; 409 `job_not_finished` while it is queued or running."""
+        self._request("DELETE", f"/v1/jobs/{job_id}")
 
     def stream(self, job_id: str, *, after: int | None = None) -> Generator[JobUpdate, None, None]:
         """The job's live stream (GET /v1/jobs/{id}/stream) until its `end` message: the job, its progress and
@@ -443,37 +466,77 @@ class Client:
     def download(self, job_id: str, name: str, dest: str | os.PathLike[str] = ".") -> Path:
         """Stream artifact `name` to `dest` and check its sha256 against the ETag; a mismatch deletes the
         partial file and raises KdistillError(code="checksum_mismatch"). `dest` is a folder (created if
-        missing: an existing folder, a path ending in "/", or one without a file suffix), else the file."""
+        missing: an existing folder, a path ending in "/", or one without a file suffix), else the file. The
+        file is written as `<name>.part` first; a `.part` left by a dropped connection is resumed with a `Range`
+        request (and fetched whole again if the resumed file fails its checksum)."""
         raw = os.fspath(dest)
         dest = Path(raw)
         as_folder = dest.is_dir() or raw.endswith(("/", os.sep)) or (not dest.exists() and not dest.suffix)
         target = dest / name if as_folder else dest
         target.parent.mkdir(parents=True, exist_ok=True)
         part = target.with_name(target.name + ".part")
-        digest = hashlib.sha256()
+        offset = part.stat().st_size if part.is_file() else 0
         try:
-            with self._http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}") as response:
+            return self._download(job_id, name, target, part, offset)
+        except _Restart:
+            part.unlink(missing_ok=True)
+            return self._download(job_id, name, target, part, 0)
+
+    def _download(self, job_id: str, name: str, target: Path, part: Path, offset: int) -> Path:
+        """One GET of the artifact into `part` (from byte `offset` when the server honours the range)."""
+        digest = hashlib.sha256()
+        headers = {"Range": f"bytes={offset}-"} if offset else None
+        try:
+            with self._http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}", headers=headers) as response:
+                if offset and response.status_code == 416:  # the .part is not a prefix of this file
+                    raise _Restart
                 if response.is_error:
                     response.read()
                     _raise_for(response)
                 expected = (response.headers.get("x-checksum-sha256") or response.headers.get("etag", "")) \
                     .strip().removeprefix("W/").strip('"')
-                with part.open("wb") as f:
-                    for chunk in response.iter_bytes(CHUNK):
+                resumed = offset > 0 and response.status_code == 206
+                if resumed:
+                    if _range_start(response.headers.get("content-range")) != offset:
+                        raise _Restart
+                    with part.open("rb") as f:
+                        for chunk in iter(lambda: f.read(CHUNK), b""):
+                            digest.update(chunk)
+                with part.open("ab" if resumed else "wb") as f:
+                    for chunk in response.iter_bytes():  # as received: a dropped connection loses none of it
                         digest.update(chunk)
                         f.write(chunk)
         except httpx.TransportError as e:
-            part.unlink(missing_ok=True)
+            # the bytes received so far stay in the .part: the next download of this file resumes them
             raise self._unreachable(e) from e
+        except (_Restart, KeyboardInterrupt):
+            raise
+        except KdistillError as e:
+            if e.status < 500:  # the server will not give this file; a 5xx may pass, and the .part with it
+                part.unlink(missing_ok=True)
+            raise
         except BaseException:
             part.unlink(missing_ok=True)
             raise
         if expected and digest.hexdigest() != expected:
+            if resumed:
+                raise _Restart  # the kept bytes were from another file, or damaged: fetch it whole once
             part.unlink(missing_ok=True)
             raise KdistillError(response.status_code, "checksum_mismatch", f"{name} arrived with sha256 "
                                 f"{digest.hexdigest()}, the server announced {expected}; download it again")
         os.replace(part, target)
         return target
+
+
+class _Restart(Exception):
+    """A resumed download that cannot go on from its .part: start the file over."""
+
+
+def _range_start(content_range: str | None) -> int | None:
+    """The first byte of a `Content-Range: bytes START-END/SIZE` header, None when there is none."""
+    unit, _, rest = (content_range or "").partition(" ")
+    start = rest.partition("-")[0]
+    return int(start) if unit == "bytes" and start.isdigit() else None
 
 
 def _job_body(teacher_id: str, dataset_id: str, student_arch: str, hyperparameters: dict[str, Any] | None,

@@ -55,5 +55,5 @@ def job_view(job: Job) -> dict[str, Any]:
                        "url": f"/v1/jobs/{job.id}/artifacts/{a.name}"} for a in job.artifacts],
         "attempts": job.attempts, "worker": job.worker, "device": job.device, "created_at": job.created_at,
         "started_at": job.started_at, "finished_at": job.finished_at,
-        "sweep_id": job.sweep_id, "sweep_trial": job.sweep_trial,
+        "sweep_id": job.sweep_id, "sweep_trial": job.sweep_trial, "artifacts_expired_at": job.artifacts_expired_at,
     }

@@ -50,6 +50,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from . import webhooks
 from .jobs import add_event
 from .models import Artifact, Job, WorkerRecord, utcnow
 from .queue import enqueue
@@ -134,6 +135,7 @@ def request_cancel(session: Session, job: Job) -> str:
         check_edge(QUEUED, CANCELLED, API)
         add_event(session, job.id, "status", "cancelled before it started", status=CANCELLED)
         session.refresh(job)
+        webhooks.announce(session, job, webhooks.final_event(CANCELLED))
         return "cancelled"
     session.refresh(job)
     if job.status in FINAL:
@@ -213,6 +215,7 @@ def _finish(session: Session, job: Job, status: str, code: str | None, message: 
     job.status, job.phase, job.finished_at = status, None, utcnow()
     job.error_code, job.error_message = code, message
     add_event(session, job.id, "status", status if not message else f"{status}: {message}", status=status, code=code)
+    webhooks.announce(session, job, webhooks.final_event(status))
     log.info("job %s %s%s", job.id, status, f" ({code})" if code else "")
 
 

@@ -83,7 +83,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 async def _sweep(settings: Settings) -> None:
-    """The database is the truth: app.lifecycle's recovery rules, every sweep_interval."""
+    """The database is the truth: app.lifecycle's recovery rules, then the artifacts' retention (app.retention),
+    every sweep_interval."""
     while True:
         await asyncio.sleep(settings.sweep_interval)
         try:
@@ -94,6 +95,19 @@ async def _sweep(settings: Settings) -> None:
                 log.info("sweep: sent %d job(s) again, ended %d", len(swept.sent), len(swept.ended))
         except Exception as e:  # the sweep retries next time; the API keeps serving
             _log_loop_failure("the sweep", settings.sweep_interval, e)
+        if settings.retention_days > 0:
+            try:  # apart from the sweep above: one failing never stops the other
+                await run_in_threadpool(_expire_artifacts, settings)
+            except Exception as e:
+                _log_loop_failure("expiring old artifacts", settings.sweep_interval, e)
+
+
+def _expire_artifacts(settings: Settings) -> None:
+    """Artifacts of jobs finished longer ago than KDISTILL_RETENTION_DAYS (app.retention)."""
+    from . import retention
+
+    with session_scope(settings.resolved_database_url) as s:
+        retention.expire_artifacts(s, settings, get_store(settings))
 
 
 async def _advance_searches(settings: Settings) -> None:

@@ -1,4 +1,5 @@
-"""ORM models: tenants and their API keys, teachers, datasets, jobs, job events, artifacts and sweeps."""
+"""ORM models: tenants and their API keys, teachers, datasets, jobs, job events, artifacts, webhook deliveries
+and sweeps."""
 
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("tn"))
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # signs the tenant's webhook deliveries (app.webhooks); made on first use, shown by `kdistill keys`
+    webhook_secret: Mapped[str | None] = mapped_column(String(100), default=None)
 
 
 class ApiKey(Base):
@@ -61,6 +64,7 @@ class ApiKey(Base):
 
 class Teacher(Base):
     __tablename__ = "teachers"
+    __table_args__ = (Index("ix_teachers_tenant_sha256", "tenant_id", "sha256"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("tch"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
@@ -79,10 +83,13 @@ class Teacher(Base):
     # names of outputs 0..num_classes-1 (given at upload or read from the file); None: output i = class i
     classes: Mapped[list[Any] | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # DELETE keeps the row (finished jobs name it) but removes the file; a deleted teacher is 404 everywhere
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Dataset(Base):
     __tablename__ = "datasets"
+    __table_args__ = (Index("ix_datasets_tenant_sha256", "tenant_id", "sha256"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ds"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
@@ -102,6 +109,7 @@ class Dataset(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     storage_key: Mapped[str] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)  # as Teacher.deleted_at
 
 
 class Job(Base):
@@ -142,6 +150,8 @@ class Job(Base):
     # a trial of a sweep (app.searches): the sweep and the trial's number in its Optuna study
     sweep_id: Mapped[str | None] = mapped_column(ForeignKey("sweeps.id", ondelete="SET NULL"), default=None)
     sweep_trial: Mapped[int | None] = mapped_column(Integer, default=None)
+    # when the retention sweep removed its artifacts (KDISTILL_RETENTION_DAYS, app.retention)
+    artifacts_expired_at: Mapped[datetime | None] = mapped_column(default=None)
 
     artifacts: Mapped[list[Artifact]] = relationship(order_by="Artifact.name", lazy="selectin")
 
@@ -186,6 +196,28 @@ class Artifact(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     storage_key: Mapped[str] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One webhook call to make for a job (app.webhooks): added in the transaction that records what it
+    announces, then sent, retried and recorded by the worker side (worker.webhook_pump)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("whd"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    event: Mapped[str] = mapped_column(String(40))  # job.succeeded, job.failed, job.cancelled, job.epoch
+    url: Mapped[str] = mapped_column(String(2000))
+    payload: Mapped[dict[str, Any]] = mapped_column()  # the job object as of the event; every attempt sends it
+    status: Mapped[str] = mapped_column(String(20), default="pending")  # pending, delivered, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class SweepRecord(Base):

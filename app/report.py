@@ -1,11 +1,103 @@
-"""A job's metrics as a person reads them: accuracy with its interval and the gain, then size and speed."""
+"""What the CLI shows: a job's metrics as a person reads them (accuracy with its interval and the gain, then
+size and speed), the lists of jobs, teachers, datasets and sweeps, and a job's progress as one plain line."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from rich.table import Table
+from rich.console import Console
+from rich.table import Column, Table
+
+# Columns a piped table would otherwise cut at 80: no limit but this, so ids and statuses reach `grep` whole
+UNLIMITED_WIDTH = 100_000
+
+
+def stdout_console() -> Console:
+    """A console on stdout: the terminal's width on a terminal, else no width limit."""
+    return Console(width=None if sys.stdout.isatty() else UNLIMITED_WIDTH)
+
+
+def stderr_console() -> Console:
+    """A console on stderr (messages, progress): the terminal's width on a terminal, else no width limit."""
+    return Console(stderr=True, width=None if sys.stderr.isatty() else UNLIMITED_WIDTH)
+
+
+def _whole(name: str, min_width: int | None = None) -> Column:
+    """A column never cut with an ellipsis: on a terminal too narrow its values fold onto a second line."""
+    return Column(name, no_wrap=True, overflow="fold", min_width=min_width)
+
+
+def jobs_table(jobs: Iterable[dict[str, Any]]) -> Table:
+    """`kdistill jobs`: one row per job."""
+    table = Table(_whole("id", 28), _whole("status", 9), "student", "progress", "student acc", "created")
+    for job in jobs:
+        acc = (job.get("metrics") or {}).get("student_accuracy")
+        table.add_row(job["id"], job["status"], job["request"]["student"]["arch"],
+                      f"{100 * ((job.get('progress') or {}).get('fraction') or 0):.0f}%",
+                      f"{acc:.4f}" if isinstance(acc, float) else "", _when(job["created_at"]))
+    return table
+
+
+def teachers_table(teachers: Iterable[dict[str, Any]]) -> Table:
+    """`kdistill teachers`: one row per teacher."""
+    table = Table(_whole("id", 28), "file", "format", "arch", "classes", "input", "size", "created")
+    for t in teachers:
+        size = t.get("input_size") or []
+        shape = f"{t['input_channels']}x{size[0]}x{size[-1]}" if size else str(t["input_channels"])
+        table.add_row(t["id"], t["filename"], t["format"], t.get("arch") or "-", str(t["num_classes"]), shape,
+                      _bytes(t.get("size_bytes")), _when(t["created_at"]))
+    return table
+
+
+def datasets_table(datasets: Iterable[dict[str, Any]]) -> Table:
+    """`kdistill datasets`: one row per dataset, with its splits."""
+    table = Table(_whole("id", 28), "file", "format", "classes", "train", "val", "test", "unlabeled", "size",
+                  "created")
+    for d in datasets:
+        table.add_row(d["id"], d["filename"], d["format"], str(d["num_classes"]), str(d["num_train"]),
+                      str(d["num_val"]), str(d.get("num_test") or 0), str(d["num_unlabeled"]),
+                      _bytes(d.get("size_bytes")), _when(d["created_at"]))
+    return table
+
+
+def sweeps_table(sweeps: Iterable[dict[str, Any]]) -> Table:
+    """`kdistill sweep list`: one row per sweep."""
+    table = Table(_whole("id", 28), _whole("status", 9), "student", "trials", "best", "created")
+    for s in sweeps:
+        table.add_row(s["id"], s["status"], s["request"]["student"]["arch"], f"{s['trials_started']}/{s['max_trials']}",
+                      f"{s['best_value']:.4f}" if s.get("best_value") is not None else "", _when(s["created_at"]))
+    return table
+
+
+def progress_line(job: dict[str, Any]) -> str:
+    """A job's state as one plain line, e.g. `job_x running student epoch 3/10 41% loss 0.4321 eta 0:12`."""
+    parts = [job["id"], job["status"]]
+    if job.get("phase") and job["phase"] != job["status"]:
+        parts.append(f"({job['phase']})")
+    p = job.get("progress") or {}
+    if p.get("epochs"):
+        parts.append(f"{p.get('run') or 'student'} epoch {p.get('epoch', 0)}/{p['epochs']}")
+    if job["status"] == "running" or p.get("fraction"):
+        parts.append(f"{100 * (p.get('fraction') or 0):.0f}%")
+    if p.get("loss") is not None:
+        parts.append(f"loss {p['loss']:.4f}")
+    if p.get("eta_seconds") is not None and job["status"] == "running":
+        parts.append(f"eta {duration(p['eta_seconds'])}")
+    return " ".join(parts)
+
+
+def duration(seconds: float | None) -> str:
+    """Seconds as m:ss, or h:mm:ss from an hour on."""
+    if seconds is None:
+        return ""
+    s = round(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def _when(t: Any) -> str:
+    return str(t)[:19]
 
 
 def result_tables(metrics: dict[str, Any]) -> list[Table]:

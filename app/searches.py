@@ -85,12 +85,12 @@ def check_space(body: SweepCreate) -> None:
                 raise ApiError(422, "invalid_search_space", f"{path}: {why}", path) from None
 
 
-def create(session: Session, tenant_id: str, body: SweepCreate, *, idempotency_key: str | None,
-           digest: str) -> SweepRecord:
+def create(session: Session, settings: Settings, tenant_id: str, body: SweepCreate, *,
+           idempotency_key: str | None, digest: str) -> SweepRecord:
     """Check the sweep (its space, and its base request as POST /v1/jobs would) and add it, running; the
     caller commits, then calls `advance` to start the first trials."""
     check_space(body)
-    check_request(session, tenant_id, body.job_request())
+    check_request(session, tenant_id, body.job_request(), settings)
     sweep = SweepRecord(id=new_id("swp"), tenant_id=tenant_id, status=RUNNING, request=body.model_dump(mode="json"),
                         max_trials=body.max_trials, max_parallel=body.max_parallel, metric=body.metric,
                         trials_started=0, idempotency_key=idempotency_key, request_hash=digest)

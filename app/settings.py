@@ -80,6 +80,23 @@ class Settings(BaseSettings):
     # does it sooner), so it only has to outlast the longest job, or a running job would get a duplicate.
     visibility_timeout: int = Field(3 * 24 * 3600, gt=0)
 
+    # Webhooks (app.webhooks, README "Calling kdistill from your tools"): a job's callback_url may name a
+    # loopback, private or link-local address only when this is on (never in a shared deployment).
+    webhook_allow_private: bool = False
+    webhook_timeout: float = Field(10.0, gt=0)  # seconds for one attempt
+    webhook_retry_first: float = Field(5.0, gt=0)  # the first retry waits this long, each next one twice as long
+    webhook_retry_max_delay: float = Field(600.0, gt=0)  # ... up to this
+    webhook_retry_for: float = Field(24 * 3600.0, gt=0)  # a delivery is given up this long after its event
+    webhook_poll_interval: float = Field(1.0, gt=0)  # how often each worker looks for deliveries that are due
+
+    # Artifacts of jobs finished more than this many days ago are removed by the sweep (app.retention);
+    # 0 keeps them forever.
+    retention_days: float = Field(0.0, ge=0)
+    # With a tracking URI (http://mlflow:5000, sqlite:///...), each succeeded job is logged to MLflow
+    # (worker.tracking_mlflow; the `mlflow` extra) as a run named after the job.
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str = "kdistill"
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'kdistill.db').resolve()}"

@@ -29,7 +29,7 @@ class ArtifactStore(Protocol):
     def put_file(self, key: str, source: Path) -> None: ...
     def fetch(self, key: str, dest: Path) -> None: ...
     def local_path(self, key: str, refresh: bool = False) -> Path: ...
-    def open_chunks(self, key: str) -> Iterator[bytes]: ...
+    def open_chunks(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]: ...
     def size(self, key: str) -> int: ...
     def exists(self, key: str) -> bool: ...
     def delete_prefix(self, prefix: str) -> None: ...
@@ -66,9 +66,17 @@ class LocalStore:
     def local_path(self, key: str, refresh: bool = False) -> Path:
         return self._path(key)  # the store's own file: there is no other copy to fetch again
 
-    def open_chunks(self, key: str) -> Iterator[bytes]:
+    def open_chunks(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """The bytes `start` to `end` (exclusive; None: to the end) of `key`, in chunks."""
         with self._path(key).open("rb") as f:
-            while chunk := f.read(CHUNK):
+            f.seek(start)
+            left = None if end is None else max(0, end - start)
+            while left is None or left > 0:
+                chunk = f.read(CHUNK if left is None else min(CHUNK, left))
+                if not chunk:
+                    return
+                if left is not None:
+                    left -= len(chunk)
                 yield chunk
 
     def size(self, key: str) -> int:
@@ -138,8 +146,14 @@ class S3Store:
                 Path(tmp).unlink(missing_ok=True)
         return dest
 
-    def open_chunks(self, key: str) -> Iterator[bytes]:
-        body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+    def open_chunks(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """As LocalStore.open_chunks: a part of the object is asked for with an HTTP Range."""
+        extra: dict[str, str] = {}
+        if end is not None and end <= start:
+            return
+        if start or end is not None:
+            extra["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        body = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **extra)["Body"]
         try:
             yield from body.iter_chunks(CHUNK)
         finally:

@@ -12,18 +12,20 @@ from worker.distill.label_map import match_classes
 from worker.distill.spec import InputSpec, config_error_from
 from worker.distill.students import check_input_size, model_info
 
-from . import lifecycle
+from . import lifecycle, webhooks
 from .api.errors import ApiError, get_owned
 from .api.schemas import JobCreate
 from .jobs import request_hash
 from .models import Dataset, Job, Teacher, new_id
 from .queue import default_queue
-from .settings import Settings
+from .settings import Settings, get_settings
 
 
-def check_request(session: Session, tenant_id: str, body: JobCreate) -> tuple[Teacher, Dataset]:
+def check_request(session: Session, tenant_id: str, body: JobCreate,
+                  settings: Settings | None = None) -> tuple[Teacher, Dataset]:
     """The tenant's teacher and dataset of `body`, once the request is known to be runnable; raises ApiError
-    (404 for another tenant's or a made-up id, 422 with the field otherwise)."""
+    (404 for another tenant's or a made-up id, 422 with the field otherwise). `settings` (default: the
+    environment's) say whether callback_url may name a private address."""
     teacher = get_owned(session, Teacher, body.teacher_id, tenant_id, "teacher_id")
     dataset = get_owned(session, Dataset, body.dataset_id, tenant_id, "dataset_id")
     if teacher.classes:
@@ -56,13 +58,15 @@ def check_request(session: Session, tenant_id: str, body: JobCreate) -> tuple[Te
             len(body.hyperparameters.class_weights) != dataset.num_classes:
         raise ApiError(422, "invalid_hyperparameter", f"class_weights has {len(body.hyperparameters.class_weights)}"
                        f" values; the dataset has {dataset.num_classes} classes", "hyperparameters.class_weights")
+    if body.callback_url is not None:  # last: it may wait on DNS
+        webhooks.check_callback_url(body.callback_url, settings or get_settings())
     return teacher, dataset
 
 
 def new_job(session: Session, settings: Settings, tenant_id: str, body: JobCreate, *,
             idempotency_key: str | None = None, sweep_id: str | None = None, sweep_trial: int | None = None) -> Job:
     """Check `body` and add its job, queued; the caller commits, then hands it to the broker (lifecycle.send)."""
-    check_request(session, tenant_id, body)
+    check_request(session, tenant_id, body, settings)
     request = body.model_dump(mode="json")
     job = Job(id=new_id("job"), tenant_id=tenant_id, teacher_id=body.teacher_id, dataset_id=body.dataset_id,
               status="queued", queue=body.queue or default_queue(session, settings), request=request,

@@ -9,6 +9,7 @@ import pytest
 import torch
 from digits_data import TEACHER_ARCH, Digits, TrainedTeacher, teacher_input_spec
 from safetensors.torch import save_file
+from service_support import example_dir  # noqa: F401 (a fixture: `kdistill example` written once per module that asks)
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 

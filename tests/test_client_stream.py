@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from rich.console import Console
-from test_cli_service import Server, _env, example_dir, kdistill  # noqa: F401 (example_dir: a fixture)
+from service_support import Server, _env, kdistill, upload_example
 
 import app.cli as cli
 import app.client as client_module
@@ -38,12 +38,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
-def uploaded(server: Server, example_dir: Path) -> tuple[str, str]:  # noqa: F811
-    with Client(server.url) as kd:
-        teacher = kd.upload_teacher(example_dir / "teacher.safetensors", arch="resnet20", num_classes=10,
-                                    input_channels=1, input_size=8, mean=[0.3], std=[0.37])
-        dataset = kd.upload_dataset(example_dir / "digits.npz")
-    return teacher["id"], dataset["id"]
+def uploaded(server: Server, example_dir: Path) -> tuple[str, str]:
+    return upload_example(server.url, example_dir)
 
 
 def submit(server: Server, uploaded: tuple[str, str], epochs: int, **extra: Any) -> str:
@@ -286,13 +282,13 @@ def test_the_watch_keeps_its_timeout_and_exit_code(server: Server, uploaded: tup
         watched = kdistill("status", job_id, "--watch", "--timeout", "2", "--url", server.url, cwd=server.data_dir,
                            check=False)
         assert time.monotonic() - started < 15
-        assert watched.returncode == 1 and f"job {job_id} is still queued after 2.0 s" in watched.stderr, \
+        assert watched.returncode == 5 and f"job {job_id} is still queued after 2.0 s" in watched.stderr, \
             watched.stderr
     finally:
         with Client(server.url) as kd:
             kd.cancel(job_id)
     cancelled = kdistill("status", job_id, "--watch", "--url", server.url, cwd=server.data_dir, check=False)
-    assert cancelled.returncode == 1 and "cancelled" in cancelled.stdout, (cancelled.stdout, cancelled.stderr)
+    assert cancelled.returncode == 4 and "cancelled" in cancelled.stdout, (cancelled.stdout, cancelled.stderr)
 
 
 # -- the server's stream, on a real socket ---------------------------------------------------------------

@@ -24,11 +24,14 @@ from app.db import session_scope
 from app.models import WorkerRecord, utcnow
 from app.settings import Settings, get_settings
 from worker.sandbox import log_protections_once, make_undumpable
+from worker.webhook_pump import WebhookPump
 
 log = logging.getLogger("kdistill.worker")
 HEARTBEAT_SECONDS = 10.0
 ALIVE_SECONDS = 60.0  # a worker whose last beat is older is not counted (routing, rule R2, health)
+PUMP_STOP_SECONDS = 5.0  # how long shutdown waits for a webhook call in flight (its lease covers the rest)
 _stop = threading.Event()
+_pumps: list[WebhookPump] = []
 
 
 @dataclass
@@ -132,11 +135,17 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
                 return
 
     threading.Thread(target=loop, name="kdistill-registry", daemon=True).start()
+    # Webhooks go out from every worker process (`kdistill serve` runs one too): never inline in a request.
+    pump = WebhookPump(settings)
+    pump.start()
+    _pumps.append(pump)
 
 
 @worker_shutdown.connect
 def _on_shutdown(sender: Any = None, **_: Any) -> None:
     _stop.set()
+    while _pumps:
+        _pumps.pop().stop(PUMP_STOP_SECONDS)
     if sender is None:
         return
     settings = _settings_of(sender)

@@ -34,14 +34,14 @@ from celery.worker import state as worker_state
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import lifecycle
+from app import lifecycle, webhooks
 from app.db import database_unreachable, session_scope
 from app.jobs import add_event, add_warning
 from app.lifecycle import Lease
 from app.models import Artifact, Dataset, Job, JobEvent, Teacher
 from app.settings import Settings
 from app.storage import InputCorrupted, get_store, sha256_of, verified_local_path
-from worker import registry
+from worker import registry, tracking_mlflow
 from worker.distill.export import FILE_NAMES
 from worker.distill.spec import Checks, DataSpec, InputSpec, JobSpec, StudentSpec, TeacherSpec
 from worker.outbox import RETRY_MAX, RETRY_MIN, LeaseLost, Outbox
@@ -51,7 +51,8 @@ log = logging.getLogger("kdistill.worker")
 # What Celery raises inside a task when the worker is shut down or terminated.
 WORKER_STOPPING = (WorkerShutdown, WorkerTerminate, Terminated, SystemExit, KeyboardInterrupt)
 EXIT_CANCELLED = 3
-ARTIFACT_NAMES = frozenset({*FILE_NAMES.values(), "student.safetensors", "metadata.json"})
+ARTIFACT_NAMES = frozenset({*FILE_NAMES.values(), "student.safetensors", "metadata.json",
+                            "tensorboard.tar.gz"})
 KILL_WAIT = 10.0
 T = TypeVar("T")
 
@@ -316,6 +317,7 @@ class Supervisor:
         add_event(s, job.id, "epoch", f"{data['run']} epoch {data['epoch']}/{data['epochs']}: "
                   f"val accuracy {data['student_accuracy']:.4f}, loss {data['train_loss']:.4f}",
                   attempt=self.lease.attempt, **data)
+        webhooks.announce(s, job, webhooks.EPOCH, run=data["run"], epoch=data["epoch"])
         return True
 
     def _write_event(self, s: Session, msg: dict[str, Any]) -> bool:
@@ -442,12 +444,19 @@ class Supervisor:
             store.put_file(key, path)
             rows.append(dict(name=a["name"], format=a["format"], size_bytes=path.stat().st_size, sha256=digest,
                              storage_key=key))
+        tracking: dict[str, str] | None = None
+        tracking_warning: tuple[str, str] | None = None
+        if self.settings.mlflow_tracking_uri:  # the child has no network: the run is logged from here
+            request = self._retrying("reading the job", lambda s: dict(s.get(Job, self.job_id).request or {}))
+            tracking, tracking_warning = tracking_mlflow.track(self.settings, self.job_id, request, result, out_dir)
 
         def write(s: Session) -> bool:
             job = lifecycle.held(s, lease)
             if job is None:
                 return False
-            job.metrics = dict(result["metrics"])
+            job.metrics = dict(result["metrics"], **({"tracking": tracking} if tracking else {}))
+            if tracking_warning is not None:
+                add_warning(job, *tracking_warning)
             for w in result.get("warnings") or []:  # the run's final word; those seen on the way are kept
                 if isinstance(w, dict):
                     add_warning(job, w.get("code") or "warning", w.get("message", ""))

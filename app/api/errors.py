@@ -18,26 +18,46 @@ log = logging.getLogger("kdistill.api")
 
 
 class ApiError(Exception):
-    """Raise from a route to answer `status` with a stable `code`."""
+    """Raise from a route to answer `status` with a stable `code`; `extra` adds fields to the body (any name,
+    `status` too: the first four are positional-only)."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None, **extra: Any) -> None:
+    def __init__(self, status: int, code: str, message: str, field: str | None = None, /, **extra: Any) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.field, self.extra = status, code, message, field, extra
+        # True: absent only as far as this caller can tell (another tenant may own it); the handler says
+        # so when API keys are on, and only then, since with keys off there is one tenant
+        self.per_key = False
+        self.headers: dict[str, str] = {}  # sent with the answer, e.g. Content-Range on a 416
+
+
+PER_KEY_SUFFIX = " (for this API key)"
 
 
 def not_found(kind: str, ident: str, field: str | None = None) -> ApiError:
-    return ApiError(404, f"{kind}_not_found", f"no {kind} with id {ident!r} (for this API key)", field)
+    """404 `<kind>_not_found`; the handler adds PER_KEY_SUFFIX to the message when API keys are required."""
+    e = ApiError(404, f"{kind}_not_found", f"no {kind} with id {ident!r}", field)
+    e.per_key = True
+    return e
+
+
+def in_use(kind: str, ident: str, job_ids: list[str], sweep_ids: list[str]) -> ApiError:
+    """409 `<kind>_in_use`: a teacher or dataset that queued or running jobs (or running sweeps) still need."""
+    users = [*(f"job {j}" for j in job_ids), *(f"sweep {s}" for s in sweep_ids)]
+    shown = ", ".join(users[:20]) + (f" and {len(users) - 20} more" if len(users) > 20 else "")
+    return ApiError(409, f"{kind}_in_use", f"{kind} {ident} is used by {shown}; delete it once they have finished "
+                    "(or cancel them first)", job_ids=job_ids, sweep_ids=sweep_ids)
 
 
 def get_owned(session: Any, model: Any, ident: str, tenant_id: str, field: str | None = None) -> Any:
-    """The tenant's object by id; another tenant's object is as absent as a made-up id (404)."""
+    """The tenant's object by id; another tenant's object, or a deleted one (`deleted_at` set), is as absent
+    as a made-up id (404)."""
     obj = session.get(model, ident)
-    if obj is None or obj.tenant_id != tenant_id:
+    if obj is None or obj.tenant_id != tenant_id or getattr(obj, "deleted_at", None) is not None:
         raise not_found(model.__tablename__.removesuffix("s"), ident, field)
     return obj
 
 
-def error_body(code: str, message: str, field: str | None = None, **extra: Any) -> dict[str, Any]:
+def error_body(code: str, message: str, field: str | None = None, /, **extra: Any) -> dict[str, Any]:
     # Messages quote untrusted names; one that is not valid Unicode must not turn a 4xx into a 500.
     body: dict[str, Any] = {"code": code, "message": _text(message)}
     if field:
@@ -75,9 +95,15 @@ HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "n
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(e.code, e.message, e.field, **e.extra), status_code=e.status,
-                            headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
+    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+        message = e.message
+        if e.per_key and request.app.state.settings.auth == "required":
+            message += PER_KEY_SUFFIX
+        headers = dict(e.headers)
+        if e.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse(error_body(e.code, message, e.field, **e.extra), status_code=e.status,
+                            headers=headers or None)
 
     @app.exception_handler(DistillError)
     async def _distill_error(_: Request, e: DistillError) -> JSONResponse:

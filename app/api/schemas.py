@@ -27,7 +27,7 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]  # 
 class _Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
-    @field_serializer("created_at", "started_at", "finished_at", check_fields=False)
+    @field_serializer("created_at", "started_at", "finished_at", "artifacts_expired_at", check_fields=False)
     def _utc(self, v: datetime | None) -> str | None:
         return None if v is None else v.isoformat(timespec="milliseconds") + "Z"
 
@@ -110,6 +110,10 @@ class JobCreate(BaseModel):
     queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,50}$")] | None = Field(
         None, description="worker queue, e.g. gpu or cpu; default: the deployment's default queue")
     max_run_seconds: Annotated[float, Field(gt=0)] | None = None
+    callback_url: Annotated[str, Field(max_length=2000)] | None = Field(
+        None, description="http(s) URL that receives the job object, signed (Kdistill-Signature), on every final "
+        "status; loopback and private addresses are refused unless the deployment allows them")
+    callback_epochs: bool = Field(False, description="also call callback_url after each epoch (event job.epoch)")
 
     @field_validator("export_formats")
     @classmethod
@@ -166,8 +170,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (400, "Malformed request (body not JSON or multipart, bad Host)"),
         (401, "Missing or invalid API key"),
         (403, "Origin not allowed (local mode)"),
-        (404, "No such object for this API key"),
-        (409, "Conflict (idempotency key reused, job finished)"),
+        (404, "No such object (for this API key, when keys are required)"),
+        (409, "Conflict (idempotency key reused, job finished or not yet finished, object in use)"),
         (413, "Upload or archive too large"),
         (415, "Unsupported media type or file format"),
         (422, "Invalid input: `field` names it"),
@@ -209,6 +213,8 @@ class JobOut(_Out):
     finished_at: datetime | None
     sweep_id: str | None = Field(None, description="the sweep this job is a trial of, if any")
     sweep_trial: int | None = Field(None, description="its trial number in that sweep")
+    artifacts_expired_at: datetime | None = Field(
+        None, description="when the retention sweep removed the job's artifacts (KDISTILL_RETENTION_DAYS)")
 
 
 class EventOut(_Out):

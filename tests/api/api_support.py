@@ -16,11 +16,12 @@ import redis
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from sqlalchemy import update
 from torch import nn
 
 from app.db import session_scope
 from app.main import create_app
-from app.models import Artifact
+from app.models import Artifact, Job, utcnow
 from app.settings import Settings
 from app.storage import get_store
 
@@ -28,7 +29,7 @@ TEACHER_ARCH = "resnet8"
 TEACHER_FORM = {"arch": TEACHER_ARCH, "num_classes": "10", "input_channels": "1", "input_size": "8",
                 "mean": "0.3", "std": "0.37"}
 GREY8 = {"input_channels": "1", "input_size": "8", "mean": "0.5", "std": "0.25"}
-ERROR_KEYS = {"code", "message", "field", "errors"}
+ERROR_KEYS = {"code", "message", "field", "errors", "available", "status", "job_ids", "sweep_ids", "expired_at"}
 MISSING = object()
 
 
@@ -116,15 +117,17 @@ class Env:
         folder = self.settings.broker_dir / "queue"
         return sum(1 for p in folder.iterdir() if p.is_file() and queue in p.name) if folder.is_dir() else 0
 
+    # Uploads here make a new object every time (?dedupe=false), as each test expects its own; tests of the
+    # de-duplication itself are in test_api_dedupe.py.
     def upload_teacher(self, content: bytes, filename: str = "teacher.safetensors", who: str = "a",
                        client: TestClient | None = None, **form: str) -> httpx.Response:
-        return (client or self.client).post("/v1/teachers", headers=self.auth(who),
+        return (client or self.client).post("/v1/teachers", headers=self.auth(who), params={"dedupe": "false"},
                                             files={"file": (filename, content, "application/octet-stream")},
                                             data=form)
 
     def upload_dataset(self, content: bytes, filename: str, who: str = "a",
                        client: TestClient | None = None) -> httpx.Response:
-        return (client or self.client).post("/v1/datasets", headers=self.auth(who),
+        return (client or self.client).post("/v1/datasets", headers=self.auth(who), params={"dedupe": "false"},
                                             files={"file": (filename, content, "application/octet-stream")})
 
 
@@ -210,3 +213,9 @@ def store_artifact(settings: Settings, db_url: str, job_id: str, content: bytes,
         s.add(Artifact(job_id=job_id, name=name, format="onnx", size_bytes=len(content),
                        sha256=hashlib.sha256(content).hexdigest(), storage_key=key))
     return name
+
+
+def finish_job(db_url: str, job_id: str, status: str = "succeeded") -> None:
+    """Mark a job final by hand, as its worker would when it ends (artifacts are served only then)."""
+    with session_scope(db_url) as s:
+        s.execute(update(Job).where(Job.id == job_id).values(status=status, finished_at=utcnow()))

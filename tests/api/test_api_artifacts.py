@@ -7,14 +7,16 @@ import os
 from pathlib import Path
 
 import pytest
-from api_support import Env, assert_error, store_artifact
+from api_support import Env, assert_error, finish_job, store_artifact
 
 
 @pytest.fixture
 def artifact(env: Env, job_a: dict, tmp_path: Path) -> tuple[dict, str, bytes]:
     """A 2.5 MB ONNX artifact (several store chunks) of a job of tenant A, put in the store by hand."""
     content = os.urandom((5 << 20) // 2)
-    return job_a, store_artifact(env.settings, env.db_url, job_a["id"], content, tmp_path), content
+    name = store_artifact(env.settings, env.db_url, job_a["id"], content, tmp_path)
+    finish_job(env.db_url, job_a["id"])
+    return job_a, name, content
 
 
 def test_download_artifact(env: Env, artifact: tuple[dict, str, bytes]) -> None:

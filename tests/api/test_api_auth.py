@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from api_support import Env, Uploaded, assert_error, job_body, store_artifact
+from api_support import Env, Uploaded, assert_error, finish_job, job_body, store_artifact
 
 PROTECTED = [
     ("GET", "/v1/teachers"),
@@ -81,7 +81,9 @@ def test_auth_disabled_needs_no_header_and_is_its_own_tenant(env: Env, teacher_a
 
 @pytest.fixture
 def a_job_with_artifact(env: Env, job_a: dict, tmp_path: Path) -> tuple[dict, str]:
-    return job_a, store_artifact(env.settings, env.db_url, job_a["id"], b"student weights of tenant A", tmp_path)
+    name = store_artifact(env.settings, env.db_url, job_a["id"], b"student weights of tenant A", tmp_path)
+    finish_job(env.db_url, job_a["id"])
+    return job_a, name
 
 
 def test_tenant_b_gets_404_for_every_object_of_tenant_a(env: Env, teacher_a: Uploaded, dataset_a: Uploaded,
@@ -98,9 +100,15 @@ def test_tenant_b_gets_404_for_every_object_of_tenant_a(env: Env, teacher_a: Upl
     assert_error(c.get(f"/v1/jobs/{job['id']}/events", headers=b), 404, "job_not_found")
     assert_error(c.post(f"/v1/jobs/{job['id']}/cancel", headers=b), 404, "job_not_found")
     assert_error(c.get(f"/v1/jobs/{job['id']}/artifacts/{artifact}", headers=b), 404, "job_not_found")
-    # B's cancel changed nothing
+    assert c.head(f"/v1/jobs/{job['id']}/artifacts/{artifact}", headers=b).status_code == 404
+    assert_error(c.delete(f"/v1/jobs/{job['id']}", headers=b), 404, "job_not_found")
+    assert_error(c.delete(f"/v1/teachers/{teacher_a.id}", headers=b), 404, "teacher_not_found")
+    assert_error(c.delete(f"/v1/datasets/{dataset_a.id}", headers=b), 404, "dataset_not_found")
+    # B's cancel and deletes changed nothing
     after = c.get(f"/v1/jobs/{job['id']}", headers=env.auth("a")).json()
-    assert after["status"] == "queued" and after["cancel_requested"] is False
+    assert after["status"] == "succeeded" and after["cancel_requested"] is False
+    for path in (f"/v1/teachers/{teacher_a.id}", f"/v1/datasets/{dataset_a.id}"):
+        assert c.get(path, headers=env.auth("a")).status_code == 200, path
 
 
 def test_tenant_b_cannot_use_tenant_a_uploads_in_a_job(env: Env, teacher_a: Uploaded, dataset_a: Uploaded,

@@ -22,7 +22,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 def upload_teacher(c, path, **form):
     with open(path, "rb") as f:
-        r = c.post("/v1/teachers", files={"file": (path.name, f)},
+        r = c.post("/v1/teachers", files={"file": (path.name, f)}, params={"dedupe": "false"},
                    data={"input_channels": 1, "input_size": 8, "mean": str(DIGITS_MEAN), "std": str(DIGITS_STD),
                          **form})
     assert r.status_code == 201, r.text
@@ -31,7 +31,7 @@ def upload_teacher(c, path, **form):
 
 def upload_dataset(c, path):
     with open(path, "rb") as f:
-        r = c.post("/v1/datasets", files={"file": (path.name, f)})
+        r = c.post("/v1/datasets", files={"file": (path.name, f)}, params={"dedupe": "false"})
     assert r.status_code == 201, r.text
     return r.json()
 

@@ -29,11 +29,11 @@ def uploaded(stack, tmp_path_factory, digits, digits_teacher) -> tuple[dict, dic
     dataset_path = few_label_npz(tmp / "digits.npz", digits, labels_per_class=10, val_per_class=10)
     with stack.client() as c:
         with open(digits_teacher.path, "rb") as f:
-            teacher = c.post("/v1/teachers", files={"file": (digits_teacher.path.name, f)},
+            teacher = c.post("/v1/teachers", files={"file": (digits_teacher.path.name, f)}, params={"dedupe": "false"},
                              data={"arch": digits_teacher.arch, "input_channels": 1, "input_size": 8,
                                    "mean": str(DIGITS_MEAN), "std": str(DIGITS_STD)})
         with open(dataset_path, "rb") as f:
-            dataset = c.post("/v1/datasets", files={"file": (dataset_path.name, f)})
+            dataset = c.post("/v1/datasets", files={"file": (dataset_path.name, f)}, params={"dedupe": "false"})
     assert teacher.status_code == 201, teacher.text
     assert dataset.status_code == 201, dataset.text
     return teacher.json(), dataset.json()

@@ -687,7 +687,7 @@ class Stack:
         content = content if content is not None else teacher_bytes()
         form = TEACHER_FORM if not filename.endswith(".onnx") else \
             {k: v for k, v in TEACHER_FORM.items() if k not in ("arch", "num_classes")}
-        r = client.post("/v1/teachers", files={"file": (filename, content)}, data=form)
+        r = client.post("/v1/teachers", files={"file": (filename, content)}, data=form, params={"dedupe": "false"})
         assert r.status_code == 201, r.text
         return r.json()
 
@@ -695,7 +695,7 @@ class Stack:
                        filename: str = "digits.npz") -> dict[str, Any]:
         """Upload the few-label digits (or `content`); return the dataset."""
         content = content if content is not None else digits_npz_bytes()
-        r = client.post("/v1/datasets", files={"file": (filename, content)})
+        r = client.post("/v1/datasets", files={"file": (filename, content)}, params={"dedupe": "false"})
         assert r.status_code == 201, r.text
         return r.json()
 

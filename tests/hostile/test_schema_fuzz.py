@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import pytest
 from fuzz_report import FUZZ_SUMMARY, FuzzLog, Nonconforming
-from test_cli_service import Server  # tests/ is on sys.path through tests/conftest.py
+from service_support import Server  # tests/ is on sys.path through tests/conftest.py
 
 schemathesis = pytest.importorskip("schemathesis")  # the dev extra; the rest of the suite runs without it
 

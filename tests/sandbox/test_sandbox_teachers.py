@@ -48,8 +48,11 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> dict:
                "canary": canary, "db": settings.data_dir / "kdistill.db"}
 
 
+NEW = {"dedupe": "false"}  # every upload is inspected again, even a file this tenant sent before
+
+
 def upload(service: dict, content: bytes, name: str, **form: str):
-    return service["client"].post("/v1/teachers", headers=service["auth"], data={**FORM, **form},
+    return service["client"].post("/v1/teachers", headers=service["auth"], data={**FORM, **form}, params=NEW,
                                   files={"file": (name, content, "application/octet-stream")})
 
 
@@ -90,7 +93,7 @@ def test_ordinary_uploads_are_inspected_in_the_sandbox(service):
     buf = io.BytesIO()
     rng = np.random.default_rng(0)
     np.savez(buf, x=rng.integers(0, 255, (200, 8, 8), dtype=np.uint8), y=np.arange(200) % 4)
-    resp = service["client"].post("/v1/datasets", headers=service["auth"],
+    resp = service["client"].post("/v1/datasets", headers=service["auth"], params=NEW,
                                   files={"file": ("d.npz", buf.getvalue(), "application/octet-stream")})
     assert resp.status_code == 201, resp.text
     assert resp.json()["num_classes"] == 4

@@ -31,6 +31,7 @@ from .quantize import measure_exports
 from .spec import InputSpec, JobSpec, checkpoint_folder
 from .students import check_input_size, create_model
 from .teachers import LoadedTeacher, load_teacher
+from .tensorboard_log import flat_hparams, write_tensorboard
 from .trainer import TrainResult, TrainSetup, predict, resolve_device, resolve_precision, steps_in_epoch, train
 
 EXAMPLE_BATCH = 16
@@ -94,7 +95,7 @@ def describe_device(device: torch.device) -> str:
 def run_job(spec: JobSpec, callbacks: Callbacks | None = None) -> RunResult:
     """Run the job `spec` end to end and return its metrics and verified export files."""
     cb = callbacks or Callbacks()
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.time()
     hp = spec.hyperparameters
     out_dir = Path(spec.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,6 +181,15 @@ def run_job(spec: JobSpec, callbacks: Callbacks | None = None) -> RunResult:
         for w in export_warnings:
             cb.event("warning", w["message"], code=w["code"])
         job_warnings += export_warnings
+    try:
+        hparams = flat_hparams(hp.model_dump(mode="json"), student_arch=spec.student.arch,
+                               teacher_arch=spec.teacher.arch, teacher_format=teacher.format, baseline=spec.baseline)
+        files.append(write_tensorboard(out_dir, history, hparams, metrics, started=started_at))
+    except Exception as e:  # the student is good whatever happened to its logs: say so, keep the job
+        w = {"code": "tensorboard_failed", "message": f"the TensorBoard event files could not be written "
+             f"({type(e).__name__}: {e}); the job's other artifacts are complete"}
+        cb.event("warning", w["message"], code=w["code"])
+        job_warnings.append(w)
     dataset = {"format": data.format, "num_train": data.num_train_labelled, "num_unlabeled": data.num_unlabeled,
                "num_val": data.num_val, "val_source": data.val_source, "num_test": data.num_test,
                "test_source": data.test_source}

@@ -51,7 +51,7 @@ def create_sweep(
     digest = request_hash(body.model_dump(mode="json"))
     if idempotency_key and (existing := _by_key(session, tenant.id, idempotency_key)) is not None:
         return _replay(session, existing, digest, response)
-    sweep = searches.create(session, tenant.id, body, idempotency_key=idempotency_key, digest=digest)
+    sweep = searches.create(session, settings, tenant.id, body, idempotency_key=idempotency_key, digest=digest)
     try:
         session.commit()
     except IntegrityError:  # a concurrent request with the same Idempotency-Key won the race

@@ -221,6 +221,10 @@ class JobView {
 
   renderArtifacts() {
     const list = this.job.artifacts || [];
+    if (this.job.artifacts_expired_at) {
+      fill(this.artifacts, notice(`The files were removed on ${f.time(this.job.artifacts_expired_at)} by the retention setting (KDISTILL_RETENTION_DAYS).`));
+      return;
+    }
     if (!list.length) {
       fill(this.artifacts, notice(FINAL.has(this.job.status) ? "No files." : "The files appear when the job succeeds."));
       return;
