@@ -20,6 +20,7 @@ from rich.console import Console
 from service_support import Server, _env, kdistill, upload_example
 
 import app.cli as cli
+import app.cli.common as cli_common
 import app.client as client_module
 from app.client import Client, JobUpdate
 
@@ -170,7 +171,7 @@ def test_stream_of_an_unknown_job_raises_the_servers_error(server: Server):
 def watch(monkeypatch: pytest.MonkeyPatch, kd: Client, job_id: str) -> tuple[dict[str, Any], str]:
     """`kdistill status --watch` as the commands run it, its console captured."""
     out = io.StringIO()
-    monkeypatch.setattr(cli, "console", Console(file=out, width=200, force_terminal=False))
+    monkeypatch.setattr(cli_common, "console", Console(file=out, width=200, force_terminal=False))
     return cli._watch(kd, job_id, 240), out.getvalue()
 
 
