@@ -124,6 +124,23 @@ def test_a_signature_verifies_and_a_changed_body_an_old_call_or_another_secret_d
     assert webhooks.verify("whsec_a", f"t={now},v1={'0' * 64},{header.split(',')[1]}", body, now=now)
 
 
+def test_the_readmes_verification_snippet_accepts_our_signatures_only() -> None:
+    """The standalone verify() the README gives receivers agrees with what the pump sends."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    found = re.search(r"```python\n(import hashlib, hmac, time\n.*?)```", readme, re.S)
+    assert found, "the README's webhook verification snippet is missing"
+    scope: dict[str, Any] = {}
+    exec(found.group(1), scope)
+    body = webhooks.body_bytes({"id": "job_x", "status": "succeeded"})
+    header = webhooks.sign("whsec_readme", body, int(time.time()))
+    assert scope["verify"]("whsec_readme", header, body)
+    assert not scope["verify"]("whsec_readme", header, body + b" ")
+    assert not scope["verify"]("whsec_other", header, body)
+    assert not scope["verify"]("whsec_readme", webhooks.sign("whsec_readme", body, int(time.time()) - 3600), body)
+
+
 # -- which URLs may be called ---------------------------------------------------------------------------
 def refused(url: str, allow_private: bool = False) -> ApiError:
     with pytest.raises(ApiError) as e:
