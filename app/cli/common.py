@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -38,6 +39,24 @@ class Output(StrEnum):
 OutputOption = Annotated[Output, typer.Option("--output", "-o", help="table (for people) or json (for scripts: "
                                               "the JSON alone on stdout)")]
 JsonFlag = Annotated[bool, typer.Option("--json", hidden=True, help="the same as --output json")]
+
+# The inputs `submit` and `sweep submit` share: the teacher and dataset, as files to upload or uploaded ids.
+TeacherFile = Annotated[Path | None, typer.Option("--teacher", exists=True, dir_okay=False,
+                                                  help="teacher file to upload")]
+TeacherId = Annotated[str | None, typer.Option("--teacher-id", help="an uploaded teacher")]
+DatasetFile = Annotated[Path | None, typer.Option("--dataset", exists=True, dir_okay=False,
+                                                  help="dataset to upload")]
+DatasetId = Annotated[str | None, typer.Option("--dataset-id", help="an uploaded dataset")]
+TeacherArch = Annotated[str | None, typer.Option("--arch", help="teacher architecture (state-dict teachers)")]
+TeacherClasses = Annotated[int | None, typer.Option("--num-classes", help="teacher classes (state-dict teachers)")]
+InputChannels = Annotated[int, typer.Option("--input-channels", help="teacher input channels")]
+InputSize = Annotated[int, typer.Option("--input-size", help="teacher input size (square)")]
+InputMean = Annotated[str | None, typer.Option("--mean", help="teacher input mean, comma-separated per channel")]
+InputStd = Annotated[str | None, typer.Option("--std", help="teacher input std, comma-separated per channel")]
+Epochs = Annotated[int | None, typer.Option("--epochs")]
+BatchSize = Annotated[int | None, typer.Option("--batch-size")]
+Queue = Annotated[str | None, typer.Option("--queue", help="worker queue (default: the server's)")]
+IdempotencyKey = Annotated[str | None, typer.Option("--idempotency-key")]
 
 
 def _emit_json(value: Any) -> None:
