@@ -37,9 +37,9 @@ def final_event(status: str) -> str:
     return f"job.{status}"
 
 
-def announce(session: Session, job: Job, event: str, **context: Any) -> None:
-    """Queue a delivery of `event` for `job` when it has a callback_url (and, for epochs, callback_epochs).
-    `context` (an epoch's run and number) is not sent: the job object the receiver gets holds its progress."""
+def announce(session: Session, job: Job, event: str) -> None:
+    """Queue a delivery of `event` for `job` when it has a callback_url (and, for epochs, callback_epochs);
+    the job object the receiver gets holds the epoch's progress and metrics."""
     request = job.request or {}
     url = request.get("callback_url")
     if not url or (event == EPOCH and not request.get("callback_epochs")):

@@ -271,7 +271,7 @@ def test_only_jobs_with_a_callback_url_announce_and_epochs_only_when_asked(setti
     add_job(settings, "job_epochs", callback_url="https://93.184.215.14/h", callback_epochs=True)
     with session_scope(settings.resolved_database_url) as s:
         for job_id in ("job_none", "job_final", "job_epochs"):
-            webhooks.announce(s, s.get(Job, job_id), webhooks.EPOCH, run="student", epoch=1)
+            webhooks.announce(s, s.get(Job, job_id), webhooks.EPOCH)
             webhooks.announce(s, s.get(Job, job_id), webhooks.final_event("failed"))
     assert deliveries(settings, "job_none") == []
     assert [d.event for d in deliveries(settings, "job_final")] == ["job.failed"]

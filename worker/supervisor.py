@@ -317,7 +317,7 @@ class Supervisor:
         add_event(s, job.id, "epoch", f"{data['run']} epoch {data['epoch']}/{data['epochs']}: "
                   f"val accuracy {data['student_accuracy']:.4f}, loss {data['train_loss']:.4f}",
                   attempt=self.lease.attempt, **data)
-        webhooks.announce(s, job, webhooks.EPOCH, run=data["run"], epoch=data["epoch"])
+        webhooks.announce(s, job, webhooks.EPOCH)
         return True
 
     def _write_event(self, s: Session, msg: dict[str, Any]) -> bool:
