@@ -78,13 +78,21 @@ async def _post_jobs(stack: Stack, bodies: list[tuple[dict[str, Any], str]], cli
     return results
 
 
-async def _cancel_all(stack: Stack, job_ids: list[str], clients: int) -> list[int]:
+async def _cancel_all(stack: Stack, job_ids: list[str], clients: int, retries: int = 2) -> list[int]:
+    """Cancel each job from `clients` keep-alive connections; a cancel that gets no answer (the keep-alive
+    close race of _post_jobs) is sent again, which is safe: cancelling a cancelled job answers 200."""
     statuses: list[int] = []
     todo = iter(job_ids)
     async with stack.async_client(connections=clients) as client:
         async def one_client() -> None:
             for job_id in todo:
-                statuses.append((await client.post(f"/v1/jobs/{job_id}/cancel")).status_code)
+                for attempt in range(retries + 1):
+                    try:
+                        statuses.append((await client.post(f"/v1/jobs/{job_id}/cancel")).status_code)
+                        break
+                    except httpx.TransportError:
+                        if attempt == retries:
+                            statuses.append(-1)
 
         await asyncio.gather(*(one_client() for _ in range(clients)))
     return statuses
